@@ -1,0 +1,59 @@
+# The two commands of the README: `make book` and `make test`.
+# PROFILE=quick|full (book only). Everything runs from .venv, created if missing.
+SHELL := /bin/bash
+PROFILE ?= full
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEBS := python3.11-doc linux-doc-6.1 chromium chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONHASHSEED := 0
+export MPLBACKEND := Agg
+
+.PHONY: setup book test unit nbval build-book browser clean
+
+setup: $(VENV)/.installed .debs-installed
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+$(VENV)/.installed: $(VENV)/bin/python requirements.txt constraints.txt pyproject.toml
+	$(PIP) install --upgrade pip
+	$(PIP) install -c constraints.txt -r requirements.txt
+	$(PIP) install -c constraints.txt --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (saebook)"
+	@touch $@
+
+# Debian packages: the corpus sources and the browser of the browser test.
+.debs-installed:
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+	@touch $@
+
+book: setup
+	$(PY) -m saelib.run --profile $(PROFILE)
+
+# `make test`: unit tests, the notebooks under nbval (quick profile),
+# the book build (-W: warnings are errors), then the browser test on it.
+test: setup unit nbval build-book browser
+
+unit:
+	$(PY) -m pytest tests -m "not browser" -q
+
+nbval:
+	$(PY) -m pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env -p no:cacheprovider notebooks -q
+
+build-book:
+	$(PY) -m saelib.run --profile full --build-only
+
+browser:
+	$(PY) -m pytest tests -m browser -q
+
+clean:
+	rm -rf _build .debs-installed

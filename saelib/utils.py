@@ -1,0 +1,109 @@
+"""Shared plumbing: the cache directory, config hashing, atomic writes,
+device and seed handling, and progress bars that stay quiet in CI."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir(*parts: str) -> Path:
+    """The cache root (``$SAELIB_CACHE``, default ``.cache/saelib`` in the repo),
+    or a sub-folder of it, created if missing."""
+    root = Path(os.environ.get("SAELIB_CACHE", REPO_ROOT / ".cache" / "saelib")).expanduser()
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def config_hash(cfg, n: int = 12) -> str:
+    """A short stable hash of a JSON-able config (key order does not matter)."""
+    blob = json.dumps(cfg, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike):
+    """Yield a temporary path next to ``final``; on success rename it onto
+    ``final`` (file or directory), on error delete it. A reader never sees a
+    half-written artifact, and an existing ``final`` is only replaced by a
+    complete new one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    target = tmp / final.name
+    try:
+        yield target
+        if not target.exists():
+            raise RuntimeError(f"atomic_path: nothing was written to {target}")
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            os.replace(final, old)
+            os.replace(target, final)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(target, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def resolve_device(device: str | None = "auto"):
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to
+    ``torch.device`` (a bad name raises a ValueError naming ``device``)."""
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a valid torch device; use 'auto', 'cpu' or 'cuda[:i]'") from e
+
+
+def set_seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def quiet() -> bool:
+    """Progress bars are off in CI (``CI`` set) or when ``SAELIB_QUIET=1``."""
+    return bool(os.environ.get("CI")) or os.environ.get("SAELIB_QUIET", "0") not in ("", "0")
+
+
+def progress(iterable=None, **kwargs):
+    """``tqdm.auto.tqdm`` that is disabled in CI / quiet mode."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("disable", quiet())
+    kwargs.setdefault("mininterval", 1.0)
+    return tqdm(iterable, **kwargs)
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """Raise a ValueError naming the parameter and the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {sorted(map(str, allowed))}")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
