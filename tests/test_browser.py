@@ -64,7 +64,12 @@ def browser(tmp_path_factory):
 @pytest.mark.parametrize("page,title", PAGES.items())
 def test_page_loads_with_title_images_and_no_404(server, browser, page, title):
     _Handler.statuses.clear()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     browser.get(f"{server}/{page}")
+    WebDriverWait(browser, 30).until(lambda b: b.execute_script("return document.readyState") == "complete"
+                                      and b.find_elements(By.TAG_NAME, "h1"))
     browser.execute_async_script(
         "const done = arguments[0];"
         "Promise.all(Array.from(document.images).map(i => i.complete ? 0 :"
@@ -78,6 +83,6 @@ def test_page_loads_with_title_images_and_no_404(server, browser, page, title):
     assert not broken, f"{page}: images that did not load: {broken}"
     missing = [path for path, code in _Handler.statuses if code == 404]
     assert not missing, f"{page}: 404 for {missing}"
-    assert any(path.startswith(f"/{page}") for path, code in _Handler.statuses if code == 200)
+    assert any(path.startswith(f"/{page}") for path, code in _Handler.statuses if code == 200), _Handler.statuses
     if "chapters" in page:
         assert len(images) >= 3, f"{page}: expected at least 3 figures, found {len(images)}"
