@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 
 from importlib import import_module as _import_module
 
-_LAZY = ("activations", "bench", "config", "data", "kernels", "lm", "metrics",
-         "plots", "run", "saes", "train", "utils")
+_LAZY = ("activations", "bench", "config", "data", "interp", "kernels", "lm", "metrics",
+         "plots", "run", "saes", "scaling", "train", "utils")
 
 
 def __getattr__(name):

@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    # executed notebooks are read as documents: no progress-bar widgets in them
+    os.environ.setdefault("SAELIB_QUIET", "1")
     times = {}
     for nb in chosen:
         print(f"[{args.profile}] running {nb.name} -> {out_dir.relative_to(REPO_ROOT) if out_dir.is_relative_to(REPO_ROOT) else out_dir}", flush=True)
