@@ -1,0 +1,453 @@
+"""Wall-clock cost of one SAE training step, for every kind and for the baselines.
+
+``python -m saelib.bench`` (``--quick`` for tiny shapes, ``--help`` for the rest) prints,
+and :func:`run` returns as a DataFrame, for each row: seconds per step, tokens/s, peak
+memory, analytic forward FLOPs per token and how much of the FLOP saving shows up as
+time saving.
+
+A *step* is what training does: forward, loss, backward, removal of the gradient
+component parallel to each decoder row, gradient-norm clipping, Adam, decoder
+renormalisation. saelib rows run ``saelib.train._train_step`` (the code path of
+``train.fit``, AuxK off) on SAEs from ``saelib.saes.build``; the baselines run the same
+step around their own forward pass:
+
+* ``naive``: dense TopK the way an unoptimised implementation writes it: dense
+  pre-activations, ``topk`` under autograd, the code scattered into a dense
+  ``[B, n_latents]`` matrix, dense decode ``z @ W_dec``. Forward FLOPs ``2nd + 2nd``.
+* ``official_switch16`` / ``official_scale16x2``: the official Switch SAE / Scale SAE
+  codes' strategy: every expert's encoder computed densely, then masked by the router,
+  TopK of the masked dense code (autograd through the dense tensor), sparse decode.
+  Forward FLOPs ``2Ed + 2nd + 2kd``: no saving over dense, which is the point.
+* ``sparsify``: EleutherAI sparsify's ``SparseCoder`` (PyPI ``eai-sparsify``; fused
+  encoder with sparse backward, ``embedding_bag`` decoder), when importable.
+* saelib ``topk``, ``batchtopk``, ``relu``, ``gated``, ``switch16``, ``switch64``
+  (width-matched: the same ``n_latents`` split over the experts), ``scale16x2``,
+  ``scale16x4`` (``n_active`` 2 and 4, feature scaling on). FLOPs from
+  ``sae.flops_per_token()``.
+
+Columns: ``speedup_vs_X = t_X / t_row`` (X = ``naive`` and ``topk``, the saelib dense
+TopK of the same width, the comparison the Switch SAE paper makes);
+``flop_ratio_vs_X = F_X / F_row`` (forward FLOPs per token, as the papers count them);
+``realised_vs_X = speedup_vs_X / flop_ratio_vs_X``: the fraction of the FLOP saving
+that becomes a wall-clock saving (1 = all of it; > 1 when the backward saves more than
+the forward FLOPs show, as for sparse backward passes). All ratios come from one run.
+
+Timing protocol (the 2-core CPU this is built on is shared and its speed drifts by 2x
+over seconds): every row is built and warmed up first, then ``rounds`` rounds each run
+``steps`` steps of every row in turn; a row's time is the median over rounds. Ratios
+therefore compare rows measured side by side, not minutes apart.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during one step minus the
+allocated memory before it. On CPU there is no allocator counter, so one extra step
+per row runs with glibc's mmap threshold pinned to 128 KiB (every tensor of 128 KiB or
+more gets its own mapping, returned to the OS when freed) while a thread samples the
+process RSS every 0.5 ms; the figure is the peak RSS minus the RSS before the step:
+the step's transient memory (activations, gradients, temporaries), not the resting
+weights and Adam state. Short-lived peaks under 0.5 ms can be missed; treat it as a
+lower bound good to a few MB.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import io
+import math
+import os
+import statistics
+import threading
+import time
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .utils import check_choice, check_positive_int, resolve_device
+
+SHAPES = {
+    "small": dict(d=256, n_latents=4096, k=32, batch=8192),
+    "paper": dict(d=768, n_latents=24576, k=32, batch=4096),   # GPT-2 small width, 32x
+    "quick": dict(d=32, n_latents=512, k=8, batch=512),
+}
+# row name -> how to build it (impl: saelib | naive | official | sparsify)
+ROWS = {
+    "naive": dict(impl="naive", label="naive dense TopK"),
+    "official_switch16": dict(impl="official", n_experts=16, n_active=1, label="official switch, 16 experts"),
+    "official_scale16x2": dict(impl="official", n_experts=16, n_active=2, feature_scaling=True,
+                               label="official scale, 16 experts, n_active 2"),
+    "sparsify": dict(impl="sparsify", label="EleutherAI sparsify SparseCoder"),
+    "topk": dict(impl="saelib", kind="topk", label="saelib topk"),
+    "batchtopk": dict(impl="saelib", kind="batchtopk", label="saelib batchtopk"),
+    "relu": dict(impl="saelib", kind="relu", label="saelib relu"),
+    "gated": dict(impl="saelib", kind="gated", label="saelib gated"),
+    "switch16": dict(impl="saelib", kind="switch", n_experts=16, label="saelib switch, 16 experts"),
+    "switch64": dict(impl="saelib", kind="switch", n_experts=64, label="saelib switch, 64 experts"),
+    "scale16x2": dict(impl="saelib", kind="scale", n_experts=16, n_active=2, label="saelib scale, 16 experts, n_active 2"),
+    "scale16x4": dict(impl="saelib", kind="scale", n_experts=16, n_active=4, label="saelib scale, 16 experts, n_active 4"),
+}
+# (row, reference, minimum speedup) the library is built to meet at the "small" shape
+TARGETS = (("topk", "naive", 2.0), ("topk", "sparsify", 1.5), ("switch16", "topk", 6.0), ("scale16x2", "topk", 3.5))
+LR = 1e-4
+
+
+# ---------------------------------------------------------------------------
+# the training step shared by the baselines (saelib rows use train._train_step)
+# ---------------------------------------------------------------------------
+@torch.no_grad()
+def _remove_parallel_grad(W_dec):
+    D = F.normalize(W_dec, dim=-1)
+    W_dec.grad -= (W_dec.grad * D).sum(-1, keepdim=True) * D
+
+
+@torch.no_grad()
+def _renorm(W_dec):
+    W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def _baseline_step(params, W_dec, opt, loss_fn, x):
+    loss = loss_fn(x)
+    float(loss.detach())                         # what train.fit does (finite check)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    _remove_parallel_grad(W_dec)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    _renorm(W_dec)
+
+
+def _init_weights(n, d, gen, device):
+    W_dec = F.normalize(torch.randn(n, d, generator=gen), dim=-1)
+    return (torch.nn.Parameter(W_dec.clone().to(device)), torch.nn.Parameter(W_dec.to(device)))
+
+
+def _make_naive(shape, gen, device):
+    n, d, k = shape["n_latents"], shape["d"], shape["k"]
+    W_enc, W_dec = _init_weights(n, d, gen, device)
+    b_enc, b_pre = (torch.nn.Parameter(torch.zeros(s, device=device)) for s in (n, d))
+
+    def loss_fn(x):
+        pre = (x - b_pre) @ W_enc.T + b_enc
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        z = torch.zeros_like(pre).scatter(1, idx, F.relu(vals))
+        x_hat = z @ W_dec + b_pre
+        return (x - x_hat).pow(2).sum(-1).mean()
+
+    return [W_enc, b_enc, W_dec, b_pre], W_dec, loss_fn, 2 * n * d + 2 * n * d
+
+
+def _make_official(shape, gen, device, n_experts, n_active, feature_scaling=False, alpha=3.0):
+    """Dense encoder over all experts, router mask, TopK of the masked code (amudide/switch_sae
+    ``SwitchAutoEncoder.encode``; the Scale SAE code keeps ``n_active`` experts unmasked)."""
+    n, d, k, E = shape["n_latents"], shape["d"], shape["k"], n_experts
+    m = n // E
+    W_enc, W_dec = _init_weights(n, d, gen, device)
+    b_pre, b_router = (torch.nn.Parameter(torch.zeros(d, device=device)) for _ in range(2))
+    W_router = torch.nn.Parameter((torch.randn(E, d, generator=gen) / math.sqrt(d)).to(device))
+    omega = torch.nn.Parameter(torch.zeros(E, device=device))
+    params = [W_enc, W_dec, b_pre, b_router, W_router] + ([omega] if feature_scaling else [])
+
+    def loss_fn(x):
+        W = W_enc
+        if feature_scaling:
+            Wv = W_enc.view(E, m, d)
+            low = Wv.mean(1, keepdim=True)
+            W = (low + (1 + omega).view(E, 1, 1) * (Wv - low)).reshape(n, d)
+        z = F.relu((x - b_pre) @ W.T)                                   # every expert, [B, n]
+        p = torch.softmax((x - b_router) @ W_router.T, dim=-1)
+        top_p, top_e = p.topk(n_active, dim=-1)
+        gate = torch.zeros_like(p).scatter(1, top_e, top_p).repeat_interleave(m, dim=1)
+        vals, idx = (z * gate).topk(k, dim=-1, sorted=False)            # masked dense code
+        x_hat = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + b_pre
+        f = torch.bincount(top_e.flatten(), minlength=E).to(x.dtype) / top_e.numel()
+        lb = alpha * d * E * (f * p.mean(0)).sum()
+        return (x - x_hat).pow(2).sum(-1).mean() + lb
+
+    return params, W_dec, loss_fn, 2 * E * d + 2 * n * d + 2 * k * d
+
+
+def sparsify_available() -> bool:
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):   # it prints a Triton notice on import
+            import sparsify  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def _make_sparsify(shape, gen, device):
+    with contextlib.redirect_stdout(io.StringIO()):
+        from sparsify import SparseCoder, SparseCoderConfig
+    n, d, k = shape["n_latents"], shape["d"], shape["k"]
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device=device)
+
+    def step(opt, x):
+        loss = sae(x).fvu
+        float(loss.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+
+    return list(sae.parameters()), step, 2 * n * d + 2 * k * d
+
+
+def _make_saelib(shape, spec, seed, device):
+    from . import saes, train
+
+    kind = spec["kind"]
+    kw = dict(d_in=shape["d"], n_latents=shape["n_latents"], seed=seed)
+    if kind in saes.TOPK_KINDS:
+        kw["k"] = shape["k"]
+    if kind in saes.MOE_KINDS:
+        kw["n_experts"] = spec["n_experts"]
+    if kind == "scale":
+        kw["n_active"] = spec["n_active"]
+    sae = saes.build(kind, **kw).to(device).train()
+
+    def step(opt, x):
+        train._train_step(sae, opt, x, LR, 0, 0.0, None, 0)
+
+    return list(sae.parameters()), step, sae.flops_per_token()
+
+
+def build_row(name, shape, seed=0, device="cpu", fused_adam=False):
+    """``(step(x), flops_per_token)`` for one row: ``step`` runs one full training step."""
+    spec = ROWS[name]
+    gen = torch.Generator().manual_seed(seed)
+    if spec["impl"] == "saelib":
+        params, step, flops = _make_saelib(shape, spec, seed, device)
+    elif spec["impl"] == "sparsify":
+        params, step, flops = _make_sparsify(shape, gen, device)
+    else:
+        make = _make_naive if spec["impl"] == "naive" else _make_official
+        extra = {} if spec["impl"] == "naive" else {key: spec[key] for key in ("n_experts", "n_active", "feature_scaling") if key in spec}
+        params, W_dec, loss_fn, flops = make(shape, gen, device, **extra)
+        step = lambda opt, x, p=params, W=W_dec, f=loss_fn: _baseline_step(p, W, opt, f, x)  # noqa: E731
+    kw = {"fused": True} if fused_adam else {}
+    opt = torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), **kw)
+    return (lambda x: step(opt, x)), flops
+
+
+# ---------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _RssPeak:
+    """Samples this process's RSS from a thread; ``peak - start`` in bytes."""
+
+    def __init__(self, period=5e-4):
+        import psutil
+
+        self.proc, self.period, self.peak, self._stop = psutil.Process(), period, 0, threading.Event()
+
+    def __enter__(self):
+        self.start = self.peak = self.proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.period)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def delta(self):
+        return self.peak - self.start
+
+
+@contextlib.contextmanager
+def _glibc_mmap_threshold(nbytes):
+    """Pin glibc's mmap threshold so freed big tensors leave the RSS (no-op elsewhere)."""
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, int(nbytes))
+        libc.mallopt(M_TRIM_THRESHOLD, int(nbytes))
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:   # glibc's steady state after big frees: 32 MiB mmap, 64 MiB trim threshold
+            libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+            libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
+
+
+def _peak_memory(step, x, device):
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step(x)
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with _glibc_mmap_threshold(128 * 2**10):
+        step(x)                                   # settle the allocator under the new threshold
+        gc.collect()
+        with _RssPeak() as rss:
+            step(x)
+    return rss.delta
+
+
+def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device="auto",
+        d=None, n_latents=None, k=None, batch=None, memory=True, fused_adam=False,
+        progress=True) -> pd.DataFrame:
+    """Benchmark the training step of ``rows`` (default: all of :data:`ROWS`, ``sparsify``
+    only when importable) at ``shape`` (a key of :data:`SHAPES`, or override ``d``,
+    ``n_latents``, ``k``, ``batch``). Each row is warmed up ``warmup`` steps, then
+    ``rounds`` rounds run ``steps`` steps of every row in turn; the reported time is the
+    median over rounds. Returns one DataFrame row per benchmark row (see the module doc
+    for the columns)."""
+    check_choice("shape", shape, SHAPES)
+    shp = dict(SHAPES[shape])
+    for key, val in dict(d=d, n_latents=n_latents, k=k, batch=batch).items():
+        if val is not None:
+            check_positive_int(key, val)
+            shp[key] = int(val)
+    for key, val in dict(steps=steps, rounds=rounds).items():
+        check_positive_int(key, val)
+    if not (isinstance(warmup, int) and warmup >= 0):
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if rows is None:
+        rows = [r for r in ROWS if r != "sparsify" or sparsify_available()]
+    rows = list(rows)
+    for r in rows:
+        check_choice("rows", r, ROWS)
+        if ROWS[r].get("n_experts") and shp["n_latents"] % ROWS[r]["n_experts"]:
+            raise ValueError(f"n_latents={shp['n_latents']} is not divisible by the {ROWS[r]['n_experts']} experts of row {r!r}")
+    if "sparsify" in rows and not sparsify_available():
+        raise ValueError("rows includes 'sparsify' but it is not importable: pip install --no-deps eai-sparsify==1.3.3 "
+                         "(+ einops natsort simple-parsing schedulefree accelerate)")
+    dev = resolve_device(device)
+    from .utils import progress as bar
+
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(shp["batch"], shp["d"], generator=gen).to(dev) for _ in range(2)]
+    built = {}
+    for r in bar(rows, desc="build + warm up", disable=not progress):
+        step, flops = build_row(r, shp, seed=seed, device=dev, fused_adam=fused_adam)
+        for i in range(warmup):
+            step(xs[i % 2])
+        built[r] = (step, flops)
+    _sync(dev)
+    times, cpu = {r: [] for r in rows}, {r: [] for r in rows}
+    load0 = _loadavg()
+    for _ in bar(range(rounds), desc="rounds", disable=not progress):
+        for r in rows:
+            step = built[r][0]
+            _sync(dev)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(steps):
+                step(xs[i % 2])
+            _sync(dev)
+            times[r].append((time.perf_counter() - t0) / steps)
+            cpu[r].append((time.process_time() - c0) / steps)
+    out = []
+    for r in rows:
+        t = statistics.median(times[r])
+        out.append(dict(row=r, label=ROWS[r]["label"], s_per_step=t, s_min=min(times[r]),
+                        cpu_s_per_step=statistics.median(cpu[r]), tokens_per_s=shp["batch"] / t,
+                        flops_per_token=built[r][1]))
+    df = pd.DataFrame(out)
+    if memory:
+        df["peak_mem_mb"] = [_peak_memory(built[r][0], xs[0], dev) / 2**20 for r in rows]
+    for ref in ("naive", "topk"):
+        if ref in rows:
+            t_ref, f_ref = df.set_index("row").loc[ref, ["s_per_step", "flops_per_token"]]
+            df[f"speedup_vs_{ref}"] = t_ref / df["s_per_step"]
+            df[f"flop_ratio_vs_{ref}"] = f_ref / df["flops_per_token"]
+            df[f"realised_vs_{ref}"] = df[f"speedup_vs_{ref}"] / df[f"flop_ratio_vs_{ref}"]
+    df.attrs.update(shape=shp, device=str(dev), threads=torch.get_num_threads(), steps=steps, rounds=rounds,
+                    warmup=warmup, torch=torch.__version__, loadavg=max(load0, _loadavg()), cpus=os.cpu_count())
+    return df
+
+
+def check_targets(df: pd.DataFrame, targets=TARGETS) -> pd.DataFrame:
+    """The speed targets whose rows are in ``df``: ``row``, ``vs``, ``target`` (minimum
+    speedup), ``speedup`` (``t_vs / t_row``), ``met``."""
+    t = df.set_index("row")["s_per_step"]
+    res = [dict(row=r, vs=ref, target=goal, speedup=t[ref] / t[r], met=bool(t[ref] / t[r] >= goal))
+           for r, ref, goal in targets if r in t and ref in t]
+    return pd.DataFrame(res, columns=["row", "vs", "target", "speedup", "met"])
+
+
+def format_table(df: pd.DataFrame) -> str:
+    cols = ["row", "s_per_step", "cpu_s_per_step", "tokens_per_s", "peak_mem_mb", "flops_per_token",
+            "speedup_vs_naive", "speedup_vs_topk", "flop_ratio_vs_topk", "realised_vs_topk"]
+    show = df[[c for c in cols if c in df]].copy()
+    fmt = {"s_per_step": "{:.4f}", "cpu_s_per_step": "{:.4f}", "tokens_per_s": "{:,.0f}", "peak_mem_mb": "{:,.0f}", "flops_per_token": "{:,.0f}"}
+    for c in show:
+        if c in fmt:
+            show[c] = show[c].map(fmt[c].format)
+        elif show[c].dtype.kind == "f":
+            show[c] = show[c].map("{:.2f}".format)
+    return show.to_string(index=False)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m saelib.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", action="append", choices=list(SHAPES),
+                   help="shape(s) to run (repeatable; default: small and paper)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 1 round: a smoke test")
+    p.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--steps", type=int, default=2, help="steps per row per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    for key in ("d", "n-latents", "k", "batch"):
+        p.add_argument(f"--{key}", type=int, help=f"override the shape's {key}")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--fused-adam", action="store_true", help="Adam(fused=True) for every row")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--csv", help="also write the table(s) here (shape name appended)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    shapes = ["quick"] if a.quick else (a.shape or ["small", "paper"])
+    kw = dict(steps=1 if a.quick else a.steps, rounds=1 if a.quick else a.rounds, warmup=1 if a.quick else a.warmup,
+              device=a.device, d=a.d, n_latents=a.n_latents, k=a.k, batch=a.batch, memory=not a.no_memory,
+              fused_adam=a.fused_adam, rows=a.rows.split(",") if a.rows else None)
+    for shape in shapes:
+        df = run(shape, **kw)
+        s = df.attrs["shape"]
+        print(f"\n== {shape}: d={s['d']} n_latents={s['n_latents']} k={s['k']} batch={s['batch']} | "
+              f"{df.attrs['device']}, {df.attrs['threads']} threads, torch {df.attrs['torch']}, "
+              f"median of {df.attrs['rounds']} rounds x {df.attrs['steps']} steps ==")
+        if df.attrs["loadavg"] > 1.25 * df.attrs["cpus"]:
+            print(f"WARNING: load average {df.attrs['loadavg']:.1f} on {df.attrs['cpus']} CPUs: other processes "
+                  "compete for the cores; with more than one thread, wall times suffer most (threads wait at "
+                  "every parallel region for a descheduled sibling). --threads 1 gives steadier ratios.")
+        print(format_table(df))
+        tg = check_targets(df)
+        if len(tg):
+            print("\ntargets (speedup = t_vs / t_row):")
+            print(tg.to_string(index=False, float_format="{:.2f}".format))
+        if a.csv:
+            df.to_csv(f"{a.csv.removesuffix('.csv')}_{shape}.csv", index=False)
+
+
+if __name__ == "__main__":
+    main()

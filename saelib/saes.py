@@ -1,0 +1,584 @@
+"""The SAE zoo: ``relu``, ``gated``, ``topk``, ``batchtopk``, ``switch``, ``scale``.
+
+One module, one ``SAE`` class; the kind picks the encoder. Papers (full text in
+``../shared/papers``): [switch] Mudide et al., Switch SAEs; [scale] Xu et al.,
+Scale SAE; plus Gao et al. 2024 (TopK, AuxK), Bussmann et al. 2024 (BatchTopK),
+Rajamanoharan et al. 2024 (Gated).
+
+Weights (SPEC layout): ``W_enc`` / ``W_dec`` ``[n_latents, d_in]`` (rows of
+``W_dec`` = unit-norm dictionary directions), ``b_pre`` ``[d_in]``; ``b_enc``
+``[n_latents]`` (relu, topk, batchtopk); ``b_gate``, ``b_mag``, ``r_mag``
+(gated); ``W_router`` ``[n_experts, d_in]``, ``b_router`` ``[d_in]`` and, for
+scale with feature scaling, ``omega`` ``[n_experts]`` (+ ``lp_transform``
+``[d_in, d_in]`` for the learned decomposition). Expert ``e`` owns latents
+``e*m .. (e+1)*m - 1`` with ``m = n_latents / n_experts``; its encoder is
+``W_enc.view(E, m, d)[e]``.
+
+Forward passes (``xc = x * s - b_pre``; ``s`` = ``config["norm_scaling_factor"]``,
+1 unless ``train.fit(normalize="unit")`` set it; the SAE applies it itself, so
+``sae(x)`` takes and returns raw activations):
+
+* relu:      ``z = ReLU(W_enc xc + b_enc)``, loss ``||x - x_hat||^2 + l1_coef * ||z||_1`` (unit-norm
+  decoder rows, so this equals Anthropic's ``sum_i z_i ||d_i||``)
+* gated:     ``pi_gate = W_enc xc + b_gate``, ``pi_mag = exp(r_mag) * (W_enc xc) + b_mag``,
+  ``z = 1[pi_gate > 0] * ReLU(pi_mag)``; loss adds ``l1_coef * ||ReLU(pi_gate)||_1`` and
+  the auxiliary reconstruction ``||x - (W_dec^T ReLU(pi_gate) + b_pre)||^2`` through a
+  frozen (detached) decoder (Rajamanoharan et al. eq. 8-10).
+* topk:      ``z = ReLU(TopK_k(W_enc xc + b_enc))`` (Gao et al. eq. 2 with an encoder bias).
+* batchtopk: training: ReLU, then the ``k * B`` largest entries of the whole batch;
+  inference: ``z = ReLU(pre) * 1[pre > theta]`` with ``theta`` the mean over training
+  batches of the smallest kept activation (``train.fit`` restarts the mean when the
+  learning-rate decay starts, so theta averages the last 20% of steps).
+* switch:    [switch] eq. 3-4: ``p = softmax(W_router (x s - b_router))``, ``i* = argmax p``,
+  ``x_hat = p_i* W_dec,i*^T ReLU(TopK_k(W_enc,i* xc)) + b_pre`` (experts have no bias).
+* scale:     [scale] eq. 2.3-2.5: the ``n_active`` most probable experts, ONE global TopK
+  over their ``n_active * m`` pre-activations, ``x_hat = sum_{i in T} p_i E_i(xc) + b_pre``
+  with ``p`` the full softmax (``renormalize_router=True``: the official code's softmax
+  over the selected probabilities instead). Feature scaling (eq. 2.5) encodes with
+  ``W_hat_i = W_low,i + (1 + omega_i)(W_i - W_low,i)``; ``W_low,i`` = mean of expert i's
+  rows ("mean", the paper's method 0), the rectangular identity ``eye(m, d)``
+  ("identity", appendix C method 1; ``I`` is only square when ``m == d``) or
+  ``lp_transform @ mean_i`` with ``lp_transform`` learned and initialised to the
+  identity ("learned", method 2, as in the official code).
+
+Switch/scale loss: ``L_recon + alpha * d * L_aux`` with ``L_aux = N sum_i f_i P_i``
+([switch] sec. 3.3, alpha = 3). With several active experts ``f_i`` is the fraction of
+(row, slot) assignments that go to expert ``i`` (``sum_i f_i = 1``; the official Scale
+code uses the mean selected probability instead), ``P_i`` the mean router probability.
+
+``out.values`` are the coefficients the decoder multiplies (for switch/scale the TopK
+values times the router weight of their expert), so for every kind
+``x_hat = (sparse_decode(values, indices, W_dec) + b_pre) / s``; ``out.l0`` counts
+non-zeros after the sparsifying activation (the official Switch/Scale code logs
+pre-TopK counts; we do not).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
+from .utils import atomic_path, check_choice, check_positive_int
+
+KINDS = ("relu", "gated", "topk", "batchtopk", "switch", "scale")
+DENSE_KINDS = ("relu", "gated", "topk", "batchtopk")   # exportable to SAELens
+TOPK_KINDS = ("topk", "batchtopk", "switch", "scale")
+MOE_KINDS = ("switch", "scale")
+DECOMPOSITIONS = ("mean", "identity", "learned")
+# L1 coefficients for inputs scaled to E||x||^2 = d_in (train.fit(normalize="unit")), chosen on
+# the planted-dictionary data of tests/test_train.py (planted L0 4.5): relu reaches L0 ~7-8,
+# gated L0 ~5-6, both with mmcs > 0.97. Lower them when tokens carry many more features.
+DEFAULT_L1 = {"relu": 2.0, "gated": 3.0}
+WEIGHTS_FILE, CONFIG_FILE = "sae.safetensors", "config.json"
+SAELENS_WEIGHTS, SAELENS_CFG = "sae_weights.safetensors", "cfg.json"
+_ARCH_TO_SAELENS = {"relu": "standard", "gated": "gated", "topk": "topk", "batchtopk": "jumprelu"}
+_MASKED = -1e30  # bias that keeps a latent out of a TopK (AuxK on switch/scale)
+
+
+@dataclass
+class SAEOutput:
+    """What ``sae(x)`` returns.
+
+    ``x_hat`` [B, d_in] in the units of ``x``; ``l0`` mean non-zero latents per row
+    (float, after the sparsifying activation); ``values``/``indices`` [B, w] the active
+    coefficients and their latent ids (TopK kinds; ``w = k``, for batchtopk the widest
+    row, the others padded with zero values); ``latents`` [B, n_latents] dense code (relu, gated); ``router_probs`` [B, n_experts] and ``expert_idx`` [B, n_active]
+    (switch, scale); ``loss_terms``: tensors ``sae.loss`` needs (gate activations,
+    the router's choice, ...)."""
+    x_hat: torch.Tensor
+    l0: float
+    values: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    loss_terms: dict = field(default_factory=dict)
+    router_probs: torch.Tensor | None = None
+    expert_idx: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------
+# construction and validation
+# ---------------------------------------------------------------------------
+def build(kind: str, *, d_in: int, n_latents: int, k: int | None = None, n_experts: int = 1,
+          n_active: int | None = None, feature_scaling: bool | None = None, decomposition: str = "mean",
+          l1_coef: float | None = None, alpha: float = 3.0, renormalize_router: bool = False,
+          seed: int = 0) -> "SAE":
+    """Build an SAE of ``kind`` (one of :data:`KINDS`).
+
+    ``n_latents`` is the whole dictionary (split evenly over ``n_experts`` for switch and
+    scale). ``k``: latents kept per row (TopK kinds). ``n_active``: experts per row (1 for
+    switch, default 2 for scale). ``feature_scaling`` (scale only, default True) and
+    ``decomposition`` in :data:`DECOMPOSITIONS`. ``l1_coef`` (relu, gated; default
+    :data:`DEFAULT_L1`, meant for inputs with E||x||^2 = d_in). ``alpha``: load-balancing
+    weight (switch, scale). ``seed`` fixes the initial weights. Bad input raises a
+    ValueError naming the parameter."""
+    check_choice("kind", kind, KINDS)
+    check_positive_int("d_in", d_in)
+    check_positive_int("n_latents", n_latents)
+    check_positive_int("n_experts", n_experts)
+    moe = kind in MOE_KINDS
+    if not moe and n_experts != 1:
+        raise ValueError(f"n_experts={n_experts} is only allowed for kind in {list(MOE_KINDS)}; kind={kind!r} has 1 expert")
+    if n_latents % n_experts:
+        raise ValueError(f"n_latents={n_latents} is not divisible by n_experts={n_experts}")
+    m = n_latents // n_experts
+    if n_active is None:
+        n_active = 2 if kind == "scale" and n_experts >= 2 else 1
+    check_positive_int("n_active", n_active)
+    if kind != "scale" and n_active != 1:
+        raise ValueError(f"n_active={n_active} is only allowed for kind='scale' (switch routes to exactly one expert)")
+    if n_active > n_experts:
+        raise ValueError(f"n_active={n_active} exceeds n_experts={n_experts}")
+    if feature_scaling is None:
+        feature_scaling = kind == "scale"
+    if feature_scaling and kind != "scale":
+        raise ValueError(f"feature_scaling=True is only allowed for kind='scale', got kind={kind!r}")
+    check_choice("decomposition", decomposition, DECOMPOSITIONS)
+    if decomposition != "mean" and not feature_scaling:
+        raise ValueError(f"decomposition={decomposition!r} needs feature_scaling=True (kind='scale')")
+    if kind in TOPK_KINDS:
+        if k is None:
+            raise ValueError(f"k is required for kind={kind!r}")
+        check_positive_int("k", k)
+        cap = n_active * m
+        if k > cap:
+            what = "n_latents" if not moe else f"n_active * n_latents / n_experts = {n_active} * {m}"
+            raise ValueError(f"k={k} exceeds the latents a row can use ({what} = {cap})")
+    elif k is not None:
+        raise ValueError(f"k is not used by kind={kind!r} (its sparsity comes from l1_coef); leave k=None")
+    if kind in ("relu", "gated"):
+        l1_coef = DEFAULT_L1[kind] if l1_coef is None else l1_coef
+        if not isinstance(l1_coef, (int, float)) or isinstance(l1_coef, bool) or not l1_coef >= 0 or math.isinf(l1_coef):
+            raise ValueError(f"l1_coef must be a finite number >= 0, got {l1_coef!r}")
+        l1_coef = float(l1_coef)
+    elif l1_coef is not None:
+        raise ValueError(f"l1_coef is only used by kind in ['gated', 'relu'], got kind={kind!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0 or math.isinf(alpha):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    if renormalize_router and kind != "scale":
+        raise ValueError("renormalize_router=True is only allowed for kind='scale'")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    cfg = dict(kind=kind, d_in=int(d_in), n_latents=int(n_latents), k=None if k is None else int(k),
+               n_experts=int(n_experts), n_active=int(n_active), feature_scaling=bool(feature_scaling),
+               decomposition=decomposition, l1_coef=l1_coef, alpha=float(alpha) if moe else None,
+               renormalize_router=bool(renormalize_router), seed=seed, norm_scaling_factor=1.0)
+    return SAE(cfg)
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.contiguous())
+
+
+# ---------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------
+class SAE(nn.Module):
+    """A sparse autoencoder of any kind; build it with :func:`build`."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = dict(config)
+        c = self.config
+        self.kind, self.d_in, self.n_latents, self.k = c["kind"], c["d_in"], c["n_latents"], c["k"]
+        self.n_experts, self.n_active = c["n_experts"], c["n_active"]
+        self.m = self.n_latents // self.n_experts
+        d, n, E = self.d_in, self.n_latents, self.n_experts
+        g = torch.Generator().manual_seed(c["seed"])
+        W_dec = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+        self.W_dec = _param(W_dec)
+        # [switch] app. A: encoder rows parallel to the decoder rows. Unit norm for TopK kinds
+        # (pre-activations O(1) on unit-scale inputs); 0.1 for the L1 kinds, whose initial code
+        # would otherwise be dense (Anthropic's April-2024 recipe uses the same 0.1 norm).
+        self.W_enc = _param(W_dec.clone() * (0.1 if self.kind in ("relu", "gated") else 1.0))
+        self.b_pre = _param(torch.zeros(d))
+        if self.kind in ("relu", "topk", "batchtopk"):
+            self.b_enc = _param(torch.zeros(n))
+        if self.kind == "gated":
+            self.b_gate, self.b_mag, self.r_mag = (_param(torch.zeros(n)) for _ in range(3))
+        if self.kind == "batchtopk":
+            self.register_buffer("threshold_sum", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("threshold_count", torch.zeros((), dtype=torch.float64))
+        if self.kind in MOE_KINDS:
+            self.W_router = _param(torch.randn(E, d, generator=g) / math.sqrt(d))
+            self.b_router = _param(torch.zeros(d))
+        if c["feature_scaling"]:
+            self.omega = _param(torch.zeros(E))
+            if c["decomposition"] == "learned":
+                self.lp_transform = _param(torch.eye(d))
+
+    # -- small helpers -----------------------------------------------------
+    @property
+    def norm_scaling_factor(self) -> float:
+        return float(self.config.get("norm_scaling_factor", 1.0))
+
+    def expert_of_latent(self) -> torch.Tensor:
+        """Expert id of every latent, LongTensor [n_latents] (all 0 for dense kinds)."""
+        return torch.arange(self.n_latents, device=self.W_dec.device) // self.m
+
+    def decoder_directions(self) -> torch.Tensor:
+        """The dictionary: unit-norm decoder rows, [n_latents, d_in] (detached)."""
+        return F.normalize(self.W_dec.detach(), dim=-1)
+
+    @property
+    def threshold(self) -> float:
+        """BatchTopK inference threshold (mean of the minimum kept activation over batches)."""
+        if self.kind != "batchtopk":
+            raise AttributeError(f"threshold exists only for kind='batchtopk', not {self.kind!r}")
+        cnt = float(self.threshold_count)
+        return float(self.threshold_sum) / cnt if cnt else 0.0
+
+    @torch.no_grad()
+    def reset_threshold_(self):
+        if self.kind == "batchtopk":
+            self.threshold_sum.zero_()
+            self.threshold_count.zero_()
+
+    def expert_encoder(self) -> torch.Tensor:
+        """The experts' encoders [E, m, d] as used in the forward pass, i.e. with feature
+        scaling ([scale] eq. 2.5) applied: ``W_low + (1 + omega_e) (W_e - W_low)``."""
+        W = self.W_enc.view(self.n_experts, self.m, self.d_in)
+        if not self.config["feature_scaling"]:
+            return W
+        dec = self.config["decomposition"]
+        if dec == "mean":
+            low = W.mean(1, keepdim=True)
+        elif dec == "identity":
+            low = torch.eye(self.m, self.d_in, device=W.device, dtype=W.dtype).unsqueeze(0)
+        else:
+            low = (W.mean(1) @ self.lp_transform.T).unsqueeze(1)
+        return low + (1 + self.omega).view(-1, 1, 1) * (W - low)
+
+    # -- forward -----------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"x must have last dimension d_in={self.d_in}, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, self.d_in).to(self.W_dec.dtype) * self.norm_scaling_factor
+        xc = xs - self.b_pre
+        out = getattr(self, f"_fwd_{self.kind if self.kind in DENSE_KINDS else 'moe'}")(xs, xc)
+        out.x_hat = ((out.x_hat + self.b_pre) / self.norm_scaling_factor).reshape(*lead, self.d_in)
+        return out
+
+    def _fwd_relu(self, xs, xc):
+        z = torch.addmm(self.b_enc, xc, self.W_enc.T).relu_()
+        return SAEOutput(z @ self.W_dec, _l0(z), latents=z, loss_terms={"l1_acts": z})
+
+    def _fwd_gated(self, xs, xc):
+        pre = xc @ self.W_enc.T                      # W_mag = exp(r_mag) * W_gate shares this product
+        pi_gate = pre + self.b_gate
+        gate = pi_gate > 0
+        z = torch.where(gate, torch.addcmul(self.b_mag, pre, self.r_mag.exp()).relu_(), 0.0)
+        return SAEOutput(z @ self.W_dec, _l0(z), latents=z, loss_terms={"l1_acts": pi_gate.relu_()})
+
+    def _fwd_topk(self, xs, xc):
+        v, i = kernels.topk_encode(xc, self.W_enc, self.b_enc, self.k)
+        return SAEOutput(kernels.sparse_decode(v, i, self.W_dec), _l0(v), values=v, indices=i)
+
+    def _fwd_batchtopk(self, xs, xc):
+        # which activations survive is decided without gradient on the dense pre-activations;
+        # the differentiable code then comes from the TopK kernel (sparse backward) with the
+        # widest row's count, the entries below the cut set to 0
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, xc, self.W_enc.T).relu_()
+            lo, strict = self.threshold, True              # inference: keep pre > theta
+            if self.training:   # the k*B largest activations of the whole batch
+                cut = float(self._batch_kth(pre, self.k * pre.shape[0]))
+                lo, strict = (cut, False) if cut > 0 else (0.0, True)   # cut = 0: < kB positives
+                if cut > 0:     # cut = the smallest activation kept in this batch
+                    self.threshold_sum += cut
+                    self.threshold_count += 1
+            width = max(1, int(torch.count_nonzero((pre > lo) if strict else (pre >= lo), dim=-1).max()))
+            del pre
+        v, i = kernels.topk_encode(xc, self.W_enc, self.b_enc, width)
+        v = v * ((v > lo) if strict else (v >= lo))
+        return SAEOutput(kernels.sparse_decode(v, i, self.W_dec), _l0(v), values=v, indices=i)
+
+    def _batch_kth(self, pre, kb):
+        """The kb-th largest entry of ``pre`` (exact). ``kthvalue`` on the entries above
+        80% of the previous batch's value when there are enough of them (a cheap filter),
+        else on all entries."""
+        flat = pre.flatten()
+        if kb >= flat.numel():
+            return flat.min()
+        guess = getattr(self, "_kth_guess", None)
+        cand = flat[flat >= 0.8 * guess] if guess else flat
+        if cand.numel() < kb:
+            cand = flat
+        t = cand.kthvalue(cand.numel() - kb + 1).values
+        self._kth_guess = float(t)
+        return t
+
+    def _route(self, xs):
+        p = torch.softmax((xs - self.b_router) @ self.W_router.T, dim=-1)
+        top_p, expert_idx = p.topk(self.n_active, dim=-1)      # n_active=1: argmax
+        if self.config["renormalize_router"]:                   # official Scale code
+            weight = torch.zeros_like(p).scatter(1, expert_idx, torch.softmax(top_p, dim=-1))
+        else:                                                   # [scale] eq. 2.4 / [switch] eq. 4
+            weight = p
+        return p, expert_idx, weight
+
+    def _fwd_moe(self, xs, xc):
+        p, expert_idx, weight = self._route(xs)
+        z, idx = kernels.expert_topk_encode(xc, self.expert_encoder(), expert_idx, self.k)
+        v = z * weight.gather(1, idx // self.m)                 # p_i(x) of each latent's expert
+        return SAEOutput(kernels.sparse_decode(v, idx, self.W_dec), _l0(v), values=v, indices=idx,
+                         router_probs=p, expert_idx=expert_idx,
+                         loss_terms={"router_probs": p, "router_weight": weight, "topk_values": z})
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense code [B, n_latents]: the coefficients the decoder multiplies."""
+        out = self(x)
+        if out.latents is not None:
+            return out.latents
+        z = torch.zeros(out.values.shape[0], self.n_latents, dtype=out.values.dtype, device=out.values.device)
+        return z.scatter_add_(1, out.indices, out.values)
+
+    # -- losses ------------------------------------------------------------
+    def loss(self, x: torch.Tensor, out: SAEOutput):
+        """``(total, parts)``: total differentiable loss and a dict of its summands as floats.
+
+        ``recon`` = mean over rows of ``||x s - x_hat s||^2`` (in the normalised units the
+        SAE trains in); ``l1`` (relu, gated); ``aux_recon`` (gated); ``lb`` =
+        ``alpha * d * L_aux`` (switch, scale)."""
+        s = self.norm_scaling_factor
+        x = x.reshape(-1, self.d_in).to(self.W_dec.dtype)
+        parts = {"recon": ((x - out.x_hat.reshape(-1, self.d_in)) * s).pow(2).sum(-1).mean()}
+        if self.kind in ("relu", "gated"):
+            acts = out.loss_terms["l1_acts"]
+            parts["l1"] = self.config["l1_coef"] * acts.sum(-1).mean()   # decoder rows have unit norm
+        if self.kind == "gated":   # reconstruction from the gate path through a frozen decoder
+            x_gate = out.loss_terms["l1_acts"] @ self.W_dec.detach() + self.b_pre.detach()
+            parts["aux_recon"] = (x * s - x_gate).pow(2).sum(-1).mean()
+        if self.kind in MOE_KINDS:
+            f, P = self.expert_load(out), out.loss_terms["router_probs"].mean(0)
+            parts["lb"] = self.config["alpha"] * self.d_in * self.n_experts * (f * P).sum()
+        total = sum(parts.values())
+        return total, {key: float(val.detach()) for key, val in parts.items()}
+
+    def expert_load(self, out: SAEOutput) -> torch.Tensor:
+        """f_i: the fraction of (row, slot) router assignments that went to expert i
+        ([switch] sec. 3.3 for one slot; sums to 1)."""
+        idx = out.expert_idx
+        return torch.bincount(idx.flatten(), minlength=self.n_experts).to(self.W_dec.dtype) / idx.numel()
+
+    def auxk_loss(self, x: torch.Tensor, out: SAEOutput, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+        """AuxK (Gao et al. app. B.1): the ``k_aux`` largest pre-activations among dead latents
+        reconstruct the (detached) residual ``e = x - x_hat``; ``||e - e_hat||^2`` scaled by
+        ``min(n_dead / k_aux, 1)``. On switch/scale only dead latents of the routed experts
+        compete, weighted by their (detached) router weight."""
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return out.x_hat.new_zeros(())
+        s = self.norm_scaling_factor
+        xs = x.reshape(-1, self.d_in).to(self.W_dec.dtype) * s
+        e = (xs - out.x_hat.reshape(-1, self.d_in) * s).detach()
+        xc = xs - self.b_pre
+        kk = min(k_aux, n_dead)
+        if self.kind in MOE_KINDS:
+            kk = min(kk, self.n_active * self.m)
+            mask = torch.where(dead, 0.0, _MASKED).to(xc.dtype)
+            z, idx = kernels.expert_topk_encode(xc, self.expert_encoder(), out.expert_idx, kk, b_enc=mask)
+            v = z * out.loss_terms["router_weight"].detach().gather(1, idx // self.m)
+        else:
+            W, b = self._dense_pre_weights()
+            dead_ids = dead.nonzero().squeeze(1)
+            v, j = kernels.topk_encode(xc, W[dead_ids], b[dead_ids], kk)
+            idx = dead_ids[j]
+        e_hat = kernels.sparse_decode(v, idx, self.W_dec)
+        return min(n_dead / k_aux, 1.0) * (e_hat - e).pow(2).sum(-1).mean()
+
+    def _dense_pre_weights(self):
+        if self.kind == "gated":   # the magnitude path
+            return self.W_enc * self.r_mag.exp()[:, None], self.b_mag
+        return self.W_enc, self.b_enc
+
+    # -- training-recipe hooks ([switch] app. A) ----------------------------
+    @torch.no_grad()
+    def normalize_decoder_(self):
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self):
+        """Remove from each decoder row's gradient its component along the row."""
+        if self.W_dec.grad is not None:
+            D = F.normalize(self.W_dec, dim=-1)
+            self.W_dec.grad -= (self.W_dec.grad * D).sum(-1, keepdim=True) * D
+
+    @torch.no_grad()
+    def fired(self, out: SAEOutput) -> torch.Tensor:
+        """Bool [n_latents]: latents with a non-zero activation somewhere in the batch."""
+        hit = torch.zeros(self.n_latents, dtype=torch.bool, device=self.W_dec.device)
+        if out.indices is not None:
+            hit[out.indices[out.values > 0]] = True
+        else:
+            hit |= (out.latents > 0).any(0)
+        return hit
+
+    # -- cost ----------------------------------------------------------------
+    def flops_per_token(self, breakdown: bool = False):
+        """Analytic forward FLOPs for one input row, as implemented: 2 FLOPs per
+        multiply-add; only matrix products are counted (bias adds, ReLU, softmax, the TopK
+        selection and the per-batch feature-scaling transform are not).
+
+        router ``2 E d`` (switch/scale); encoder ``2 n d`` (dense) or ``2 n_active m d``
+        (only the selected experts' rows); decoder ``2 n d`` for relu/gated (dense code),
+        ``2 k d`` for the sparse decode of the TopK kinds (batchtopk: k on average)."""
+        d, n, E = self.d_in, self.n_latents, self.n_experts
+        parts = {"router": 2 * E * d if self.kind in MOE_KINDS else 0,
+                 "encoder": 2 * self.n_active * self.m * d,
+                 "decoder": 2 * (self.k if self.kind in TOPK_KINDS else n) * d}
+        return parts if breakdown else sum(parts.values())
+
+    # -- persistence ---------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write ``path/`` = ``config.json`` + ``sae.safetensors`` (atomically)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True))
+        return path
+
+    def save_saelens(self, path) -> Path:
+        return to_saelens(self, path)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        keys = ["kind", "d_in", "n_latents", "k", "n_experts", "n_active", "feature_scaling", "l1_coef"]
+        return ", ".join(f"{key}={c[key]}" for key in keys if c.get(key) is not None)
+
+
+def _l0(acts: torch.Tensor) -> float:
+    return float((acts > 0).sum(-1).float().mean()) if acts.numel() else 0.0
+
+
+def load(path, device="cpu") -> SAE:
+    """Load an SAE written by :meth:`SAE.save`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists():
+        raise ValueError(f"path={str(path)!r} holds no {CONFIG_FILE}; not a saved SAE")
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    sae = SAE(cfg)
+    sae.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    return sae.to(device).eval()
+
+
+# ---------------------------------------------------------------------------
+# SAELens on-disk format (cfg.json + sae_weights.safetensors)
+# ---------------------------------------------------------------------------
+def to_saelens(sae: SAE, path) -> Path:
+    """Export a dense SAE in SAELens's format: ``cfg.json`` + ``sae_weights.safetensors``
+    with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc``, ``b_dec`` (gated:
+    ``b_gate``, ``b_mag``, ``r_mag`` instead of ``b_enc``; batchtopk is written as
+    ``jumprelu`` with a constant ``threshold``, as SAELens saves BatchTopK SAEs).
+    The input normalisation is folded into the weights (``W_enc * s``, ``W_dec / s``,
+    ``b_dec / s``) so the file takes raw activations (``normalize_activations="none"``)."""
+    from safetensors.torch import save_file
+
+    if sae.kind not in DENSE_KINDS:
+        raise ValueError(f"kind={sae.kind!r} has no SAELens equivalent; export works for {list(DENSE_KINDS)}")
+    s = sae.norm_scaling_factor
+    sd = {"W_enc": (sae.W_enc * s).T, "W_dec": sae.W_dec / s, "b_dec": sae.b_pre / s}
+    if sae.kind == "gated":
+        sd.update(b_gate=sae.b_gate, b_mag=sae.b_mag, r_mag=sae.r_mag)
+    else:
+        sd["b_enc"] = sae.b_enc
+    if sae.kind == "batchtopk":
+        sd["threshold"] = torch.full_like(sae.b_enc, sae.threshold)
+    cfg = {"architecture": _ARCH_TO_SAELENS[sae.kind], "d_in": sae.d_in, "d_sae": sae.n_latents,
+           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+           "normalize_activations": "none", "reshape_activations": "none",
+           "meta": {"saelib_config": sae.config}}
+    if sae.kind == "topk":
+        cfg["k"] = sae.k
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in sd.items()}, str(tmp / SAELENS_WEIGHTS))
+        (tmp / SAELENS_CFG).write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+@torch.no_grad()
+def load_saelens(path, device="cpu", k: int | None = None) -> SAE:
+    """Load an SAE in SAELens's on-disk format (architectures standard, topk, gated,
+    jumprelu with one shared threshold -> relu, topk, gated, batchtopk).
+
+    Decoder rows are brought to unit norm: if all rows share one norm ``c`` (the case
+    after folding an input normalisation) it becomes ``norm_scaling_factor = 1/c``, which
+    is exact for every kind; otherwise each row's norm is folded into its encoder row
+    (exact for relu/gated, a warning for the TopK kinds whose selection then changes).
+    ``apply_b_dec_to_input=False`` is folded into the encoder bias."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / SAELENS_CFG).exists():
+        raise ValueError(f"path={str(path)!r} holds no {SAELENS_CFG}; not an SAELens SAE")
+    cfg = json.loads((path / SAELENS_CFG).read_text())
+    sd = {key: val.float() for key, val in load_file(str(path / SAELENS_WEIGHTS)).items()}
+    arch = cfg.get("architecture", "standard")
+    kind = {"standard": "relu", "topk": "topk", "gated": "gated", "jumprelu": "batchtopk"}.get(arch)
+    if kind is None:
+        raise ValueError(f"architecture={arch!r} in {SAELENS_CFG} is not supported; "
+                         "choose one of ['gated', 'jumprelu', 'standard', 'topk']")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise ValueError(f"normalize_activations={cfg['normalize_activations']!r} in {SAELENS_CFG}: only 'none' "
+                         "is supported (fold the scaling factor into the weights first)")
+    W_enc, W_dec, b_dec = sd["W_enc"].T.contiguous(), sd["W_dec"], sd["b_dec"]
+    n, d = W_dec.shape
+    if kind == "batchtopk":
+        thr = sd["threshold"]
+        if not torch.allclose(thr, thr.mean().expand_as(thr), rtol=1e-5, atol=1e-8):
+            raise ValueError("architecture='jumprelu' with per-latent thresholds is not a BatchTopK SAE; "
+                             "only a shared threshold can be loaded")
+    if kind in ("topk", "batchtopk"):
+        k = k if k is not None else cfg.get("k") or cfg.get("meta", {}).get("saelib_config", {}).get("k")
+        if k is None:
+            raise ValueError(f"k is needed for architecture={arch!r} and is not in {SAELENS_CFG}; pass k=")
+    meta = cfg.get("meta", {}).get("saelib_config", {})
+    sae = build(kind, d_in=d, n_latents=n, k=int(k) if kind in ("topk", "batchtopk") else None,
+                l1_coef=meta.get("l1_coef") if kind in ("relu", "gated") else None)
+    b_name = "b_gate" if kind == "gated" else "b_enc"
+    if not cfg.get("apply_b_dec_to_input", True):   # pre = W x + b  ==  W (x - b_dec) + (b + W b_dec)
+        shift = W_enc @ b_dec
+        sd[b_name] = sd[b_name] + shift
+        if kind == "gated":
+            sd["b_mag"] = sd["b_mag"] + sd["r_mag"].exp() * shift
+    norms = W_dec.norm(dim=-1)
+    if torch.allclose(norms, norms.mean().expand_as(norms), rtol=1e-4):
+        s = 1.0 / float(norms.mean())   # x_hat = (W_dec_unit^T z + s b_dec) / s, pre uses (s x - s b_dec)
+        sae.config["norm_scaling_factor"] = s if abs(s - 1.0) > 1e-6 else 1.0
+        s = sae.config["norm_scaling_factor"]
+        sae.W_enc.copy_(W_enc / s)
+        sae.W_dec.copy_(W_dec * s)
+        sae.b_pre.copy_(b_dec * s)
+        if kind == "batchtopk":
+            sae.threshold_sum.fill_(float(sd["threshold"].mean()))
+            sae.threshold_count.fill_(1.0)
+    else:
+        if kind in ("topk", "batchtopk"):
+            warnings.warn("decoder rows of unequal norm: folding them into the encoder changes which latents "
+                          "TopK keeps; the loaded SAE approximates the file", stacklevel=2)
+        sae.W_enc.copy_(W_enc * norms[:, None])
+        sae.W_dec.copy_(W_dec / norms[:, None])
+        sae.b_pre.copy_(b_dec)
+        sd = {key: (val * norms if key in ("b_enc", "b_gate", "b_mag") else val) for key, val in sd.items()}
+        if kind == "batchtopk":
+            sae.threshold_sum.fill_(float((sd["threshold"] * norms).mean()))
+            sae.threshold_count.fill_(1.0)
+    for name in ("b_enc", "b_gate", "b_mag", "r_mag"):
+        if hasattr(sae, name):
+            getattr(sae, name).copy_(sd[name])
+    return sae.to(device).eval()

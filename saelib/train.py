@@ -1,0 +1,314 @@
+"""The training recipe of [switch] appendix A, for every kind in :mod:`saelib.saes`.
+
+* ``b_pre`` (and ``b_router``) start at the geometric median (Weiszfeld) of a sample;
+  the encoder starts parallel to the decoder (done by :func:`saelib.saes.build`).
+* Every step: the gradient component parallel to each decoder row is removed, the
+  gradient norm is clipped at 1, Adam (0.9, 0.999) steps, decoder rows are renormalised.
+* ``lr`` defaults to ``2e-4 / sqrt(n_latents / 2**14)`` (Gao et al. 1/sqrt(M) law),
+  constant, then linear decay to 0 over the last 20% of steps.
+* Optional AuxK (Gao et al. app. B.1): ``k_aux = d_in // 2`` dead latents, coefficient 1/32.
+* ``normalize="unit"`` scales inputs by ``s = sqrt(d_in / E||x||^2)`` estimated on the
+  sample (Anthropic April-2024 update, SAELens ``expected_average_only_in``); ``s`` is
+  stored as ``sae.config["norm_scaling_factor"]`` and applied inside ``sae(x)``, so the
+  SAE still takes and returns raw activations and save/load/metrics stay consistent.
+* A latent is dead when it has not fired in the last ``dead_window`` tokens, default
+  ``min(10**6, steps * batch_size // 5)`` (and at least one batch): 1M tokens as in the
+  papers, scaled down so a short run can still see latents die.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import utils
+from .utils import atomic_path, check_choice, check_positive_int, resolve_device
+
+DECAY_FRACTION = 0.2
+SAMPLE_ROWS = 8192
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed Euclidean distance to ``points``."""
+    pts = points.double()
+    guess = pts.mean(0)
+    for _ in range(max_iter):
+        w = 1.0 / (pts - guess).norm(dim=1).clamp_min(1e-12)
+        new = (w[:, None] * pts).sum(0) / w.sum()
+        if (new - guess).norm() < tol * max(1.0, float(guess.norm())):
+            guess = new
+            break
+        guess = new
+    return guess.to(points.dtype)
+
+
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Constant, then linear decay to 0 over the last 20% of ``steps``."""
+    decay_start = int(steps * (1 - DECAY_FRACTION))
+    if step < decay_start:
+        return lr
+    return lr * (steps - step) / max(1, steps - decay_start)
+
+
+# ---------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------
+def _check_data(data, d_in, batch_size):
+    if torch.is_tensor(data):
+        if data.ndim != 2 or data.shape[1] != d_in:
+            raise ValueError(f"data must be a tensor [n, d_in={d_in}], got shape {tuple(data.shape)}")
+        if batch_size > len(data):
+            raise ValueError(f"batch_size={batch_size} exceeds the {len(data)} rows of data")
+        return
+    if not (hasattr(data, "batches") and hasattr(data, "sample")):
+        raise ValueError(f"data must be a tensor [n, d_in] or an activation store with .batches() and .sample(), "
+                         f"got {type(data).__name__}")
+    d = getattr(data, "d", d_in)
+    if d != d_in:
+        raise ValueError(f"data has d={d} but the SAE has d_in={d_in}")
+
+
+def _sample(data, n, seed):
+    if torch.is_tensor(data):
+        g = torch.Generator().manual_seed(seed)
+        return data[torch.randperm(len(data), generator=g)[:n]].float()
+    try:
+        n = min(n, len(data))
+    except TypeError:
+        pass
+    return torch.as_tensor(data.sample(n, seed=seed)).float()
+
+
+def batch_stream(data, batch_size: int, seed: int, start: int = 0, device="cpu"):
+    """Infinite deterministic stream of float batches, positioned at batch ``start``.
+
+    Tensor: epoch ``e`` is the permutation drawn from ``Generator(seed * 1_000_003 + e)``
+    (resuming costs nothing). Store: ``data.batches(..., seed=seed, epochs=None)`` when the
+    store takes ``epochs`` (saelib's ActivationStore), else epoch ``e`` is
+    ``data.batches(..., seed=seed * 1_000_003 + e)``; resuming skips ``start`` batches."""
+    if torch.is_tensor(data):
+        n = len(data)
+        per_epoch = n // batch_size
+        if per_epoch == 0:
+            raise ValueError(f"batch_size={batch_size} exceeds the {n} rows of data")
+        step = start
+        epoch, perm = None, None
+        while True:
+            e, j = divmod(step, per_epoch)
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+            yield data[perm[j * batch_size:(j + 1) * batch_size]].to(device=device, dtype=torch.float32)
+            step += 1
+    if "epochs" in inspect.signature(data.batches).parameters:   # saelib's ActivationStore
+        epochs = [data.batches(batch_size, shuffle=True, seed=seed, device=device, epochs=None)]
+    else:                                                        # one call per epoch
+        epochs = (data.batches(batch_size, shuffle=True, seed=seed * 1_000_003 + e, device=device)
+                  for e in itertools.count())
+    skipped = 0
+    for it in epochs:
+        got = False
+        for b in it:
+            got = True
+            if skipped < start:
+                skipped += 1
+                continue
+            yield torch.as_tensor(b).to(device=device, dtype=torch.float32)
+        if not got:
+            raise ValueError(f"data.batches({batch_size}) yielded no batch (fewer rows than batch_size?)")
+
+
+# ---------------------------------------------------------------------------
+# one optimisation step (module level so tests can interrupt a run)
+# ---------------------------------------------------------------------------
+def _train_step(sae, opt, x, lr, aux_k, aux_k_coef, dead, step):
+    for group in opt.param_groups:
+        group["lr"] = lr
+    out = sae(x)
+    loss, parts = sae.loss(x, out)
+    if aux_k:
+        aux = sae.auxk_loss(x, out, dead, aux_k)
+        loss = loss + aux_k_coef * aux
+        parts["auxk"] = aux_k_coef * float(aux.detach())
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"fit: the loss is {value} at step {step} (parts: {parts}); "
+                                 "lower lr, use normalize='unit', or check the data for NaN/inf")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_parallel_grad_()
+    params = [p for p in sae.parameters() if p.grad is not None]
+    try:
+        torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    except RuntimeError as e:
+        raise FloatingPointError(f"fit: non-finite gradient at step {step}") from e
+    opt.step()
+    sae.normalize_decoder_()
+    return out, value, parts
+
+
+def _batch_stats(sae, x, out):
+    with torch.no_grad():
+        x = x.reshape(-1, sae.d_in)
+        err = (x - out.x_hat.reshape(-1, sae.d_in)).double()
+        var = (x.double() - x.double().mean(0)).pow(2).sum()
+        st = {"mse": float(err.pow(2).mean()), "fvu": float(err.pow(2).sum() / var.clamp_min(1e-30)), "l0": out.l0}
+        if out.expert_idx is not None:
+            st["expert_load"] = sae.expert_load(out).double().cpu()
+        return st
+
+
+# ---------------------------------------------------------------------------
+# fit
+# ---------------------------------------------------------------------------
+def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None = None, seed: int = 0,
+        log_every: int | None = None, aux_k: bool | int = False, aux_k_coef: float = 1 / 32,
+        normalize: str | None = None, dead_window: int | None = None, checkpoint_path=None,
+        checkpoint_every: int | None = None, device="auto", progress: bool = True,
+        sample_size: int = SAMPLE_ROWS) -> pd.DataFrame:
+    """Train ``sae`` in place on ``data`` (tensor ``[n, d_in]`` or activation store) and
+    return the history, a DataFrame with one row per ``log_every`` steps (default
+    ``max(1, steps // 50)``), values averaged over the steps of the interval:
+
+    ``step``, ``tokens``; ``loss`` (total) and its parts ``recon`` (mean ||x s - x_hat s||^2,
+    normalised units), ``l1``, ``aux_recon``, ``lb``, ``auxk`` where the kind has them;
+    ``mse`` (mean squared error per element, raw units, [scale] eq. A.1), ``fvu``
+    (fraction of variance unexplained), ``l0``; ``dead_frac`` (fraction of latents silent
+    for ``dead_window`` tokens, at the end of the interval); ``lr``; switch/scale:
+    ``expert_load`` (list, f_i per expert) and, with feature scaling, ``omega`` (list);
+    batchtopk: ``threshold``; ``wall_time`` (seconds since the run began, summed over
+    resumed segments).
+
+    ``aux_k``: False, True (``k_aux = d_in // 2``) or the int ``k_aux``.
+    ``checkpoint_path`` + ``checkpoint_every``: a resumable checkpoint (model, Adam state,
+    step, dead-latent counters, history) written atomically every ``checkpoint_every``
+    steps and at the end; calling ``fit`` again with the same arguments resumes from it
+    and gives the same numbers as an uninterrupted run (same seed, same thread count);
+    a finished checkpoint just returns its history. A NaN/inf loss or gradient raises
+    FloatingPointError naming the step. Deterministic for a given ``seed``.
+
+    Every call without a checkpoint to resume starts a run: ``b_pre``/``b_router`` are
+    set to the geometric median of ``sample_size`` rows (other weights are kept, so a
+    built SAE starts from the recipe's initialisation), Adam and the schedule start over.
+    ``history.attrs`` holds the run's settings (``lr``, ``dead_window``, ``k_aux``, ...)."""
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("sample_size", sample_size)
+    check_choice("normalize", normalize, (None, "unit"))
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number or None, got {lr!r}")
+    if log_every is None:
+        log_every = max(1, steps // 50)
+    check_positive_int("log_every", log_every)
+    if isinstance(aux_k, bool):
+        k_aux = sae.d_in // 2 if aux_k else 0
+    else:
+        check_positive_int("aux_k", aux_k)
+        k_aux = int(aux_k)
+    if dead_window is None:
+        dead_window = max(batch_size, min(10**6, steps * batch_size // 5))
+    check_positive_int("dead_window", dead_window)
+    if checkpoint_every is not None:
+        check_positive_int("checkpoint_every", checkpoint_every)
+        if checkpoint_path is None:
+            raise ValueError("checkpoint_every needs checkpoint_path")
+    _check_data(data, sae.d_in, batch_size)
+    dev = resolve_device(device)
+    lr = 2e-4 / math.sqrt(sae.n_latents / 2**14) if lr is None else float(lr)
+    arch = {k: v for k, v in sae.config.items() if k not in ("seed", "norm_scaling_factor")}
+    args = dict(sae=arch, steps=steps, batch_size=batch_size, lr=lr,
+                seed=seed, log_every=log_every, k_aux=k_aux, aux_k_coef=aux_k_coef, normalize=normalize,
+                dead_window=dead_window, sample_size=sample_size)
+
+    sae.to(dev)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+    since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=dev)
+    history, acc, start, wall0 = [], {}, 0, 0.0
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        if state["args"] != args:
+            diff = {k: (state["args"].get(k), v) for k, v in args.items() if state["args"].get(k) != v}
+            raise ValueError(f"checkpoint_path={str(ckpt)!r} holds a run with other settings (saved, now): {diff}; "
+                             "pass another checkpoint_path or delete it")
+        sae.config.update(state["config"])
+        sae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        since_fired.copy_(state["since_fired"])
+        history, acc, start, wall0 = state["history"], state["acc"], state["step"], state["wall_time"]
+        if start >= steps:
+            sae.eval()
+            return _frame(history, args)
+    else:
+        utils.set_seed(seed)
+        sample = _sample(data, sample_size, seed).to(dev)
+        if normalize == "unit":
+            sae.config["norm_scaling_factor"] = math.sqrt(sae.d_in / float(sample.double().pow(2).sum(1).mean()))
+        with torch.no_grad():
+            median = geometric_median(sample * sae.norm_scaling_factor)
+            sae.b_pre.copy_(median)
+            if hasattr(sae, "b_router"):
+                sae.b_router.copy_(median)
+            sae.normalize_decoder_()
+
+    def checkpoint(step):
+        state = dict(args=args, config=sae.config, model=sae.state_dict(), optim=opt.state_dict(),
+                     since_fired=since_fired, history=history, acc=acc, step=step,
+                     wall_time=wall0 + time.perf_counter() - t0)
+        with atomic_path(ckpt) as tmp:
+            torch.save(state, tmp)
+
+    decay_start = int(steps * (1 - DECAY_FRACTION))
+    stream = batch_stream(data, batch_size, seed, start=start, device=dev)
+    t0 = time.perf_counter()
+    sae.train()
+    bar = utils.progress(range(start, steps), total=steps, initial=start, desc=f"fit {sae.kind}",
+                         **({"disable": True} if not progress else {}))
+    for step in bar:
+        if sae.kind == "batchtopk" and step == decay_start:
+            sae.reset_threshold_()   # theta = mean over the batches of the last 20% of steps
+        x = next(stream)
+        dead = since_fired >= dead_window
+        cur_lr = lr_at(step, steps, lr)
+        out, value, parts = _train_step(sae, opt, x, cur_lr, k_aux, aux_k_coef, dead, step)
+        since_fired += x.shape[0]
+        since_fired[sae.fired(out)] = 0
+        for key, val in {"loss": value, **parts, **_batch_stats(sae, x, out)}.items():
+            acc[key] = acc.get(key, 0.0) + val
+        acc["_n"] = acc.get("_n", 0) + 1
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            n = acc.pop("_n")
+            row = {"step": step + 1, "tokens": (step + 1) * batch_size}
+            for key, val in acc.items():
+                row[key] = (val / n).tolist() if torch.is_tensor(val) else val / n
+            row["dead_frac"] = float((since_fired >= dead_window).double().mean())
+            row["lr"] = cur_lr
+            if hasattr(sae, "omega"):
+                row["omega"] = sae.omega.detach().cpu().double().tolist()
+            if sae.kind == "batchtopk":
+                row["threshold"] = sae.threshold
+            row["wall_time"] = wall0 + time.perf_counter() - t0
+            history.append(row)
+            acc = {}
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", fvu=f"{row['fvu']:.3f}")
+        if ckpt is not None and checkpoint_every is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            checkpoint(step + 1)
+    if hasattr(bar, "close"):
+        bar.close()
+    if ckpt is not None:
+        checkpoint(steps)
+    sae.eval()
+    return _frame(history, args)
+
+
+def _frame(history, args):
+    df = pd.DataFrame(history)
+    df.attrs.update(args)      # the run's settings (lr, dead_window, ...) travel with it
+    return df
