@@ -25,7 +25,10 @@ step around their own forward pass:
   ``scale16x4`` (``n_active`` 2 and 4, feature scaling on). FLOPs from
   ``sae.flops_per_token()``.
 
-Columns: ``speedup_vs_X = t_X / t_row`` (X = ``naive`` and ``topk``, the saelib dense
+Columns: ``s_per_step`` (wall clock, median over rounds), ``cpu_s_per_step`` (process
+CPU time; with one thread it is immune to other processes taking the cores),
+``tokens_per_s`` (batch / s_per_step), ``peak_mem_mb``, ``flops_per_token``;
+``speedup_vs_X = t_X / t_row`` (X = ``naive`` and ``topk``, the saelib dense
 TopK of the same width, the comparison the Switch SAE paper makes);
 ``flop_ratio_vs_X = F_X / F_row`` (forward FLOPs per token, as the papers count them);
 ``realised_vs_X = speedup_vs_X / flop_ratio_vs_X``: the fraction of the FLOP saving
@@ -35,7 +38,10 @@ the forward FLOPs show, as for sparse backward passes). All ratios come from one
 Timing protocol (the 2-core CPU this is built on is shared and its speed drifts by 2x
 over seconds): every row is built and warmed up first, then ``rounds`` rounds each run
 ``steps`` steps of every row in turn; a row's time is the median over rounds. Ratios
-therefore compare rows measured side by side, not minutes apart.
+therefore compare rows measured side by side, not minutes apart. When other processes
+keep the cores busy (the printed load average exceeds the CPU count), multi-threaded
+wall times inflate several-fold and unevenly (every parallel region waits for a
+descheduled sibling thread); ``--threads 1`` then gives steady ratios.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during one step minus the
 allocated memory before it. On CPU there is no allocator counter, so one extra step
@@ -58,6 +64,7 @@ import os
 import statistics
 import threading
 import time
+import types
 
 import pandas as pd
 import torch
@@ -83,8 +90,10 @@ ROWS = {
     "gated": dict(impl="saelib", kind="gated", label="saelib gated"),
     "switch16": dict(impl="saelib", kind="switch", n_experts=16, label="saelib switch, 16 experts"),
     "switch64": dict(impl="saelib", kind="switch", n_experts=64, label="saelib switch, 64 experts"),
-    "scale16x2": dict(impl="saelib", kind="scale", n_experts=16, n_active=2, label="saelib scale, 16 experts, n_active 2"),
-    "scale16x4": dict(impl="saelib", kind="scale", n_experts=16, n_active=4, label="saelib scale, 16 experts, n_active 4"),
+    "scale16x2": dict(impl="saelib", kind="scale", n_experts=16, n_active=2,
+                      label="saelib scale, 16 experts, n_active 2"),
+    "scale16x4": dict(impl="saelib", kind="scale", n_experts=16, n_active=4,
+                      label="saelib scale, 16 experts, n_active 4"),
 }
 # (row, reference, minimum speedup) the library is built to meet at the "small" shape
 TARGETS = (("topk", "naive", 2.0), ("topk", "sparsify", 1.5), ("switch16", "topk", 6.0), ("scale16x2", "topk", 3.5))
@@ -94,26 +103,25 @@ LR = 1e-4
 # ---------------------------------------------------------------------------
 # the training step shared by the baselines (saelib rows use train._train_step)
 # ---------------------------------------------------------------------------
-@torch.no_grad()
-def _remove_parallel_grad(W_dec):
-    D = F.normalize(W_dec, dim=-1)
-    W_dec.grad -= (W_dec.grad * D).sum(-1, keepdim=True) * D
+def _decoder_hooks(W_dec):
+    """The saelib SAE's own decoder hooks (``remove_parallel_grad_``, ``normalize_decoder_``)
+    applied to a bare ``W_dec``, so every row pays the same post-processing."""
+    from . import saes
+
+    holder = types.SimpleNamespace(W_dec=W_dec)
+    return (lambda: saes.SAE.remove_parallel_grad_(holder)), (lambda: saes.SAE.normalize_decoder_(holder))
 
 
-@torch.no_grad()
-def _renorm(W_dec):
-    W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-
-
-def _baseline_step(params, W_dec, opt, loss_fn, x):
+def _baseline_step(params, hooks, opt, loss_fn, x):
+    remove_parallel_grad, normalize_decoder = hooks
     loss = loss_fn(x)
     float(loss.detach())                         # what train.fit does (finite check)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    _remove_parallel_grad(W_dec)
+    remove_parallel_grad()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    _renorm(W_dec)
+    normalize_decoder()
 
 
 def _init_weights(n, d, gen, device):
@@ -207,14 +215,19 @@ def _make_saelib(shape, spec, seed, device):
     if kind == "scale":
         kw["n_active"] = spec["n_active"]
     sae = saes.build(kind, **kw).to(device).train()
+    train_step = getattr(train, "_train_step", None)     # train.fit's own step, AuxK off
 
     def step(opt, x):
-        train._train_step(sae, opt, x, LR, 0, 0.0, None, 0)
+        if train_step is not None:
+            train_step(sae, opt, x, LR, 0, 0.0, None, 0)
+        else:
+            _baseline_step(list(sae.parameters()), (sae.remove_parallel_grad_, sae.normalize_decoder_), opt,
+                           lambda x: sae.loss(x, sae(x))[0], x)
 
     return list(sae.parameters()), step, sae.flops_per_token()
 
 
-def build_row(name, shape, seed=0, device="cpu", fused_adam=False):
+def build_row(name, shape, seed=0, device="cpu", fused_adam=True):
     """``(step(x), flops_per_token)`` for one row: ``step`` runs one full training step."""
     spec = ROWS[name]
     gen = torch.Generator().manual_seed(seed)
@@ -224,9 +237,11 @@ def build_row(name, shape, seed=0, device="cpu", fused_adam=False):
         params, step, flops = _make_sparsify(shape, gen, device)
     else:
         make = _make_naive if spec["impl"] == "naive" else _make_official
-        extra = {} if spec["impl"] == "naive" else {key: spec[key] for key in ("n_experts", "n_active", "feature_scaling") if key in spec}
+        keys = () if spec["impl"] == "naive" else ("n_experts", "n_active", "feature_scaling")
+        extra = {key: spec[key] for key in keys if key in spec}
         params, W_dec, loss_fn, flops = make(shape, gen, device, **extra)
-        step = lambda opt, x, p=params, W=W_dec, f=loss_fn: _baseline_step(p, W, opt, f, x)  # noqa: E731
+        hooks = _decoder_hooks(W_dec)
+        step = lambda opt, x, p=params, h=hooks, f=loss_fn: _baseline_step(p, h, opt, f, x)  # noqa: E731
     kw = {"fused": True} if fused_adam else {}
     opt = torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), **kw)
     return (lambda x: step(opt, x)), flops
@@ -313,7 +328,7 @@ def _peak_memory(step, x, device):
 
 
 def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device="auto",
-        d=None, n_latents=None, k=None, batch=None, memory=True, fused_adam=False,
+        d=None, n_latents=None, k=None, batch=None, memory=True, fused_adam=True,
         progress=True) -> pd.DataFrame:
     """Benchmark the training step of ``rows`` (default: all of :data:`ROWS`, ``sparsify``
     only when importable) at ``shape`` (a key of :data:`SHAPES`, or override ``d``,
@@ -337,7 +352,8 @@ def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device
     for r in rows:
         check_choice("rows", r, ROWS)
         if ROWS[r].get("n_experts") and shp["n_latents"] % ROWS[r]["n_experts"]:
-            raise ValueError(f"n_latents={shp['n_latents']} is not divisible by the {ROWS[r]['n_experts']} experts of row {r!r}")
+            raise ValueError(f"n_latents={shp['n_latents']} is not divisible by the "
+                             f"{ROWS[r]['n_experts']} experts of row {r!r}")
     if "sparsify" in rows and not sparsify_available():
         raise ValueError("rows includes 'sparsify' but it is not importable: pip install --no-deps eai-sparsify==1.3.3 "
                          "(+ einops natsort simple-parsing schedulefree accelerate)")
@@ -398,7 +414,8 @@ def format_table(df: pd.DataFrame) -> str:
     cols = ["row", "s_per_step", "cpu_s_per_step", "tokens_per_s", "peak_mem_mb", "flops_per_token",
             "speedup_vs_naive", "speedup_vs_topk", "flop_ratio_vs_topk", "realised_vs_topk"]
     show = df[[c for c in cols if c in df]].copy()
-    fmt = {"s_per_step": "{:.4f}", "cpu_s_per_step": "{:.4f}", "tokens_per_s": "{:,.0f}", "peak_mem_mb": "{:,.0f}", "flops_per_token": "{:,.0f}"}
+    fmt = {"s_per_step": "{:.4f}", "cpu_s_per_step": "{:.4f}", "tokens_per_s": "{:,.0f}",
+           "peak_mem_mb": "{:,.0f}", "flops_per_token": "{:,.0f}"}
     for c in show:
         if c in fmt:
             show[c] = show[c].map(fmt[c].format)
@@ -420,7 +437,8 @@ def main(argv=None):
         p.add_argument(f"--{key}", type=int, help=f"override the shape's {key}")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
-    p.add_argument("--fused-adam", action="store_true", help="Adam(fused=True) for every row")
+    p.add_argument("--no-fused-adam", dest="fused_adam", action="store_false",
+                   help="plain Adam instead of Adam(fused=True) (train.fit's optimizer) for every row")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--csv", help="also write the table(s) here (shape name appended)")
     a = p.parse_args(argv)

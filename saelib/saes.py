@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import kernels
 from .utils import atomic_path, check_choice, check_positive_int
@@ -253,40 +254,48 @@ class SAE(nn.Module):
             low = torch.eye(self.m, self.d_in, device=W.device, dtype=W.dtype).unsqueeze(0)
         else:
             low = (W.mean(1) @ self.lp_transform.T).unsqueeze(1)
-        return low + (1 + self.omega).view(-1, 1, 1) * (W - low)
+        om = self.omega.view(-1, 1, 1)                 # = (1 + omega) W - omega W_low, one pass
+        return torch.addcmul(-om * low, W, 1 + om)
 
     # -- forward -----------------------------------------------------------
     def forward(self, x: torch.Tensor) -> SAEOutput:
         if x.shape[-1] != self.d_in:
             raise ValueError(f"x must have last dimension d_in={self.d_in}, got shape {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        xs = x.reshape(-1, self.d_in).to(self.W_dec.dtype) * self.norm_scaling_factor
-        xc = xs - self.b_pre
-        out = getattr(self, f"_fwd_{self.kind if self.kind in DENSE_KINDS else 'moe'}")(xs, xc)
-        out.x_hat = ((out.x_hat + self.b_pre) / self.norm_scaling_factor).reshape(*lead, self.d_in)
+        lead, s = x.shape[:-1], self.norm_scaling_factor
+        xs = x.reshape(-1, self.d_in).to(self.W_dec.dtype)
+        xs = xs * s if s != 1 else xs                  # no pass over the batch when s = 1
+        out = getattr(self, f"_fwd_{self.kind if self.kind in DENSE_KINDS else 'moe'}")(xs)
+        x_hat = out.x_hat + self.b_pre
+        out.x_hat = (x_hat / s if s != 1 else x_hat).reshape(*lead, self.d_in)
         return out
 
-    def _fwd_relu(self, xs, xc):
-        z = torch.addmm(self.b_enc, xc, self.W_enc.T).relu_()
+    def _enc_bias(self, W, b=None):
+        """``b - W b_pre``: the encoders compute ``W (x s - b_pre) + b`` as ``W (x s) + (b - W b_pre)``,
+        so no ``[B, d_in]`` input needs a gradient (b_pre's is a matrix-vector product)."""
+        return torch.mv(W, self.b_pre).neg() if b is None else torch.addmv(b, W, self.b_pre, alpha=-1)
+
+    def _fwd_relu(self, xs):
+        z = torch.addmm(self._enc_bias(self.W_enc, self.b_enc), xs, self.W_enc.T).relu_()
         return SAEOutput(z @ self.W_dec, _l0(z), latents=z, loss_terms={"l1_acts": z})
 
-    def _fwd_gated(self, xs, xc):
-        pre = xc @ self.W_enc.T                      # W_mag = exp(r_mag) * W_gate shares this product
+    def _fwd_gated(self, xs):
+        pre = (xs - self.b_pre) @ self.W_enc.T          # W_mag = exp(r_mag) * W_gate shares this product
         pi_gate = pre + self.b_gate
         gate = pi_gate > 0
         z = torch.where(gate, torch.addcmul(self.b_mag, pre, self.r_mag.exp()).relu_(), 0.0)
         return SAEOutput(z @ self.W_dec, _l0(z), latents=z, loss_terms={"l1_acts": pi_gate.relu_()})
 
-    def _fwd_topk(self, xs, xc):
-        v, i = kernels.topk_encode(xc, self.W_enc, self.b_enc, self.k)
+    def _fwd_topk(self, xs):
+        v, i = kernels.topk_encode(xs, self.W_enc, self._enc_bias(self.W_enc, self.b_enc), self.k)
         return SAEOutput(kernels.sparse_decode(v, i, self.W_dec), _l0(v), values=v, indices=i)
 
-    def _fwd_batchtopk(self, xs, xc):
+    def _fwd_batchtopk(self, xs):
         # which activations survive is decided without gradient on the dense pre-activations;
         # the differentiable code then comes from the TopK kernel (sparse backward) with the
         # widest row's count, the entries below the cut set to 0
+        b = self._enc_bias(self.W_enc, self.b_enc)
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, xc, self.W_enc.T).relu_()
+            pre = torch.addmm(b, xs, self.W_enc.T).relu_()
             lo, strict = self.threshold, True              # inference: keep pre > theta
             if self.training:   # the k*B largest activations of the whole batch
                 cut = float(self._batch_kth(pre, self.k * pre.shape[0]))
@@ -296,7 +305,7 @@ class SAE(nn.Module):
                     self.threshold_count += 1
             width = max(1, int(torch.count_nonzero((pre > lo) if strict else (pre >= lo), dim=-1).max()))
             del pre
-        v, i = kernels.topk_encode(xc, self.W_enc, self.b_enc, width)
+        v, i = kernels.topk_encode(xs, self.W_enc, b, width)
         v = v * ((v > lo) if strict else (v >= lo))
         return SAEOutput(kernels.sparse_decode(v, i, self.W_dec), _l0(v), values=v, indices=i)
 
@@ -316,7 +325,8 @@ class SAE(nn.Module):
         return t
 
     def _route(self, xs):
-        p = torch.softmax((xs - self.b_router) @ self.W_router.T, dim=-1)
+        # W_router (x s - b_router) as W_router (x s) - W_router b_router: no [B, d_in] temporary
+        p = torch.softmax(torch.addmm(torch.mv(self.W_router, self.b_router).neg(), xs, self.W_router.T), dim=-1)
         top_p, expert_idx = p.topk(self.n_active, dim=-1)      # n_active=1: argmax
         if self.config["renormalize_router"]:                   # official Scale code
             weight = torch.zeros_like(p).scatter(1, expert_idx, torch.softmax(top_p, dim=-1))
@@ -324,9 +334,11 @@ class SAE(nn.Module):
             weight = p
         return p, expert_idx, weight
 
-    def _fwd_moe(self, xs, xc):
+    def _fwd_moe(self, xs):
         p, expert_idx, weight = self._route(xs)
-        z, idx = kernels.expert_topk_encode(xc, self.expert_encoder(), expert_idx, self.k)
+        W = self.expert_encoder()
+        b = self._enc_bias(W.reshape(self.n_latents, self.d_in))
+        z, idx = kernels.expert_topk_encode(xs, W, expert_idx, self.k, b_enc=b)
         v = z * weight.gather(1, idx // self.m)                 # p_i(x) of each latent's expert
         return SAEOutput(kernels.sparse_decode(v, idx, self.W_dec), _l0(v), values=v, indices=idx,
                          router_probs=p, expert_idx=expert_idx,
@@ -350,7 +362,8 @@ class SAE(nn.Module):
         ``alpha * d * L_aux`` (switch, scale)."""
         s = self.norm_scaling_factor
         x = x.reshape(-1, self.d_in).to(self.W_dec.dtype)
-        parts = {"recon": ((x - out.x_hat.reshape(-1, self.d_in)) * s).pow(2).sum(-1).mean()}
+        recon = _MeanSqErr.apply(out.x_hat.reshape(-1, self.d_in), x)
+        parts = {"recon": recon * (s * s) if s != 1 else recon}
         if self.kind in ("relu", "gated"):
             acts = out.loss_terms["l1_acts"]
             parts["l1"] = self.config["l1_coef"] * acts.sum(-1).mean()   # decoder rows have unit norm
@@ -408,9 +421,11 @@ class SAE(nn.Module):
     @torch.no_grad()
     def remove_parallel_grad_(self):
         """Remove from each decoder row's gradient its component along the row."""
-        if self.W_dec.grad is not None:
-            D = F.normalize(self.W_dec, dim=-1)
-            self.W_dec.grad -= (self.W_dec.grad * D).sum(-1, keepdim=True) * D
+        W, g = self.W_dec, self.W_dec.grad
+        if g is not None:   # g -= <g, W> / |W|^2 W, in place (the row dots as a batched matmul)
+            dot = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1)
+            norm2 = torch.linalg.vector_norm(W, dim=-1).clamp_min_(1e-12).square_()
+            g.addcmul_(W, dot.div_(norm2).neg_().unsqueeze(1))
 
     @torch.no_grad()
     def fired(self, out: SAEOutput) -> torch.Tensor:
@@ -459,7 +474,27 @@ class SAE(nn.Module):
 
 
 def _l0(acts: torch.Tensor) -> float:
-    return float((acts > 0).sum(-1).float().mean()) if acts.numel() else 0.0
+    return float(torch.count_nonzero(acts > 0)) / acts.shape[0] if acts.numel() else 0.0
+
+
+class _MeanSqErr(torch.autograd.Function):
+    """``mean_b ||a_b - t_b||^2`` for ``a``, ``t`` [B, d]: one pass forward (the residual is
+    kept, its square summed by a dot product) and one backward, instead of the ~8 passes
+    over the batch of ``(a - t).pow(2).sum(-1).mean()`` and its autograd graph."""
+
+    @staticmethod
+    def forward(ctx, a, t):
+        r = (a - t).reshape(-1)
+        ctx.save_for_backward(r)
+        ctx.shape = a.shape
+        return torch.dot(r, r) / a.shape[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        ga = (r * (2 * g / ctx.shape[0])).view(ctx.shape)
+        return (ga if ctx.needs_input_grad[0] else None), (-ga if ctx.needs_input_grad[1] else None)
 
 
 def load(path, device="cpu") -> SAE:

@@ -144,21 +144,32 @@ def _train_step(sae, opt, x, lr, aux_k, aux_k_coef, dead, step):
     loss.backward()
     sae.remove_parallel_grad_()
     params = [p for p in sae.parameters() if p.grad is not None]
-    try:
-        torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    try:   # clip_grad_norm_(params, 1.0), minus its pass over the gradients when the factor is 1
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], error_if_nonfinite=True)
     except RuntimeError as e:
         raise FloatingPointError(f"fit: non-finite gradient at step {step}") from e
+    if float(1.0 / (total + 1e-6)) < 1.0:
+        torch.nn.utils.clip_grads_with_norm_(params, 1.0, total)
     opt.step()
     sae.normalize_decoder_()
     return out, value, parts
 
 
-def _batch_stats(sae, x, out):
+def _optimizer(params, lr):
+    """Adam (0.9, 0.999); the fused kernel (one pass over each parameter) where torch has it."""
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=fused or None)
+
+
+def _batch_stats(sae, x, out, recon):
+    """mse and fvu from the step's ``recon`` (mean_b ||(x - x_hat) s||^2) and the batch
+    variance (float64 accumulation): no further pass over the error."""
     with torch.no_grad():
         x = x.reshape(-1, sae.d_in)
-        err = (x - out.x_hat.reshape(-1, sae.d_in)).double()
-        var = (x.double() - x.double().mean(0)).pow(2).sum()
-        st = {"mse": float(err.pow(2).mean()), "fvu": float(err.pow(2).sum() / var.clamp_min(1e-30)), "l0": out.l0}
+        s2d = sae.norm_scaling_factor ** 2
+        var = float(x.var(0, correction=0).double().sum())   # sum_i Var(x_i)
+        st = {"mse": recon / (s2d * sae.d_in), "fvu": recon / s2d / max(var, 1e-30), "l0": out.l0}
         if out.expert_idx is not None:
             st["expert_load"] = sae.expert_load(out).double().cpu()
         return st
@@ -227,7 +238,7 @@ def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None =
                 dead_window=dead_window, sample_size=sample_size)
 
     sae.to(dev)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+    opt = _optimizer(sae.parameters(), lr)
     since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=dev)
     history, acc, start, wall0 = [], {}, 0, 0.0
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
@@ -279,7 +290,7 @@ def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None =
         out, value, parts = _train_step(sae, opt, x, cur_lr, k_aux, aux_k_coef, dead, step)
         since_fired += x.shape[0]
         since_fired[sae.fired(out)] = 0
-        for key, val in {"loss": value, **parts, **_batch_stats(sae, x, out)}.items():
+        for key, val in {"loss": value, **parts, **_batch_stats(sae, x, out, parts["recon"])}.items():
             acc[key] = acc.get(key, 0.0) + val
         acc["_n"] = acc.get("_n", 0) + 1
         if (step + 1) % log_every == 0 or step + 1 == steps:

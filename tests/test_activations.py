@@ -96,12 +96,13 @@ def test_collect_skips_bos_records_positions_and_caches(model, tokens, tmp_cache
     assert np.array_equal(store.tokens, tokens.numpy()[store.seq, store.pos])
     # rows are in (sequence, position) order: 11 per sequence, 10 for sequence 3 (a mid-sequence BOS)
     assert np.bincount(store.seq)[:9].tolist() == [11, 11, 11, 10, 11, 11, 11, 11, 11]
-    monkeypatch.setattr(A, "run_to_site", lambda *a: pytest.fail("recomputed a cached store"))
-    again = A.collect(model, tokens, site, n_tokens=100, dtype="float16", batch_size=3)
-    assert again.path == store.path
+    with monkeypatch.context() as mp:
+        mp.setattr(A, "run_to_site", lambda *a: pytest.fail("recomputed a cached store"))
+        again = A.collect(model, tokens, site, n_tokens=100, dtype="float16", batch_size=3)
+    assert again.path == store.path and str(store.path).startswith(str(tmp_cache))
     with pytest.warns(UserWarning, match="only"):
-        monkeypatch.undo()
         small = A.collect(model, tokens[:2], site, n_tokens=100)
+    assert str(small.path).startswith(str(tmp_cache))
     assert len(small) == 22 and small.dtype == "float32"
     with pytest.raises(ValueError, match="dtype"):
         A.collect(model, tokens, site, n_tokens=10, dtype="int8")

@@ -63,18 +63,22 @@ def test_topk_encode_and_sparse_decode_match_reference(B, d, n, k, bias):
                  go(K.topk_encode_reference, K.sparse_decode_reference))
 
 
-@pytest.mark.parametrize("R,n,k,ties", [(37, 2048, 8, False), (37, 2048, 8, True), (5, 16384, 16, False),
-                                         (3, 16384, 16, True), (4, 100, 3, False)])
-def test_group_topk_is_an_exact_topk(R, n, k, ties):
-    """The two-level group-max TopK returns the TopK multiset at k distinct positions."""
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("R,n,k,s1,s2", [(37, 2048, 8, 4, 4), (5, 16384, 16, 8, 8), (9, 512, 16, 4, 1),
+                                         (6, 96, 3, 2, 2), (4, 100, 3, None, None)])
+def test_group_topk_is_an_exact_topk(R, n, k, s1, s2, ties):
+    """The group-max TopK (one or two levels, and the policy ``_topk`` that picks one)
+    returns the TopK multiset at k distinct positions, with and without ties."""
     pre = torch.randn(R, n, generator=torch.Generator().manual_seed(n + k), dtype=F64)
     if ties:
         pre = (pre * 2).round()                      # few distinct values: many ties
         pre[0] = 0
-    vals, idx = K._group_topk(pre, k)
-    assert all(len(set(row.tolist())) == k for row in idx)
-    assert torch.equal(pre.gather(1, idx), vals)
-    assert torch.equal(vals.sort(-1).values, pre.topk(k, dim=-1).values.sort(-1).values)
+    ref = pre.topk(k, dim=-1).values.sort(-1).values
+    runs = [K._topk(pre, k)] + ([K._group_topk(pre, k, s1, s2)] if s1 else [])
+    for vals, idx in runs:
+        assert all(len(set(row.tolist())) == k for row in idx)
+        assert torch.equal(pre.gather(1, idx), vals)
+        assert torch.equal(vals.sort(-1).values, ref)
 
 
 def test_topk_encode_in_chunks_matches_reference(monkeypatch):
@@ -126,6 +130,7 @@ def _expert_idx(B, E, n_active, seed, allowed=None):
     (23, 8, 12, 10, 6, False, [0, 2, 5, 6]),   # experts 1, 3, 4, 7 get no row
     (1, 4, 16, 8, 5, True, None),              # one-row batch
     (19, 4, 3, 6, 5, True, None),              # k > m: the TopK must span experts
+    (33, 4, 128, 8, 4, True, None),            # m >= 16 k: the group-max TopK path
 ])
 def test_expert_topk_encode_matches_reference(n_active, B, E, m, d, k, bias, allowed):
     if allowed is not None and n_active > len(allowed) or n_active * m < k:
@@ -219,14 +224,17 @@ def test_float32_matches_reference_at_a_realistic_shape():
         assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
+@pytest.mark.parametrize("n", [50, 5000])        # 5000: most rows untouched, must come back 0
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_scatter_rows_all_dtypes(dtype):
+def test_scatter_rows_all_dtypes(dtype, n):
     """The CSR product (float32/64) and the index_add fallback (half types)."""
     g = torch.Generator().manual_seed(31)
-    idx = torch.randint(0, 50, (300, 7), generator=g)
+    idx = torch.randint(0, n, (300, 7), generator=g)
     coef, rhs = torch.randn(300, 7, generator=g), torch.randn(300, 3, generator=g)
-    ref = torch.zeros(50, 3, dtype=F64).index_add_(0, idx.flatten(), (coef[:, :, None] * rhs[:, None]).flatten(0, 1).double())
-    out = K._scatter_rows(idx, coef.to(dtype), rhs.to(dtype), 50)
+    contrib = (coef[:, :, None] * rhs[:, None]).flatten(0, 1).double()
+    ref = torch.zeros(n, 3, dtype=F64).index_add_(0, idx.flatten(), contrib)
+    torch.full((n * 3,), float("nan"), dtype=dtype)   # leave NaNs in freed memory the kernel may get
+    out = K._scatter_rows(idx, coef.to(dtype), rhs.to(dtype), n)
     assert out.dtype == dtype
     tol = 0.05 if dtype == torch.bfloat16 else 1e-5
     assert_close(out.double(), ref, rtol=tol, atol=tol)

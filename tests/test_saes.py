@@ -184,6 +184,27 @@ def test_gradients_reach_router_and_omega(kind, extra):
     assert sae.W_router.grad.abs().sum() > 0
 
 
+def test_recon_loss_and_decoder_grad_hook_match_plain_formulas():
+    """The fused reconstruction loss and the in-place parallel-gradient removal equal their
+    plain torch formulas (values and gradients), with a scaling factor and non-zero biases."""
+    sae = randomize(make("switch", alpha=0.0))    # total loss = recon
+    sae.config["norm_scaling_factor"] = 0.7
+    x = data(128)
+    out = sae(x)
+    recon, plain = sae.loss(x, out)[0], ((x - out.x_hat) * 0.7).pow(2).sum(-1).mean()
+    assert recon.item() == pytest.approx(plain.item(), rel=1e-5)
+    g1 = torch.autograd.grad(recon, sae.W_enc, retain_graph=True)[0]
+    g2 = torch.autograd.grad(plain, sae.W_enc)[0]
+    assert torch.allclose(g1, g2, atol=1e-6)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(N, 1) + 0.5)    # rows off unit norm
+    sae.W_dec.grad = torch.randn(N, D)
+    D_ = F.normalize(sae.W_dec.detach(), dim=-1)
+    want = sae.W_dec.grad - (sae.W_dec.grad * D_).sum(-1, keepdim=True) * D_
+    sae.remove_parallel_grad_()
+    assert torch.allclose(sae.W_dec.grad, want, atol=1e-5)
+
+
 def test_load_balancing_loss_formula():
     sae = make("scale", n_experts=4, n_active=2, alpha=3.0)
     x = data(100)
