@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("SAELIB_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,3 +13,12 @@ def tmp_cache(tmp_path, monkeypatch):
     path = tmp_path / "cache"
     monkeypatch.setenv("SAELIB_CACHE", str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest and immune to a busy second core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

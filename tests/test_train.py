@@ -8,13 +8,7 @@ import torch.nn.functional as F
 
 from saelib import saes, train
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: one thread is fastest and immune to a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------
