@@ -6,6 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEBS := python3.11-doc linux-doc-6.1 chromium chromium-driver
+# MathJax 3 from the npm registry, served with the book so its math renders offline
+MATHJAX_VERSION := 3.2.2
+MATHJAX := book/_mathjax/mathjax
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -15,7 +18,7 @@ export MPLBACKEND := Agg
 
 .PHONY: setup book test unit nbval build-book browser clean
 
-setup: $(VENV)/.installed .debs-installed
+setup: $(VENV)/.installed .debs-installed $(MATHJAX)/tex-chtml.js
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -41,6 +44,13 @@ $(VENV)/.installed: $(VENV)/bin/python requirements.txt requirements-bench.txt c
 	fi
 	@touch $@
 
+$(MATHJAX)/tex-chtml.js:
+	rm -rf book/_mathjax .mathjax-tmp && mkdir -p .mathjax-tmp $(MATHJAX)
+	cd .mathjax-tmp && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null
+	tar xzf .mathjax-tmp/mathjax-$(MATHJAX_VERSION).tgz -C .mathjax-tmp
+	cp -r .mathjax-tmp/package/es5/. $(MATHJAX)/
+	rm -rf .mathjax-tmp
+
 book: setup
 	$(PY) -m saelib.run --profile $(PROFILE)
 
@@ -61,4 +71,4 @@ browser:
 	$(PY) -m pytest tests -m browser -q
 
 clean:
-	rm -rf _build .debs-installed
+	rm -rf _build .debs-installed book/_mathjax
