@@ -266,7 +266,12 @@ class SAE(nn.Module):
         xs = xs * s if s != 1 else xs                  # no pass over the batch when s = 1
         out = getattr(self, f"_fwd_{self.kind if self.kind in DENSE_KINDS else 'moe'}")(xs)
         x_hat = out.x_hat + self.b_pre
-        out.x_hat = (x_hat / s if s != 1 else x_hat).reshape(*lead, self.d_in)
+        x_hat = x_hat / s if s != 1 else x_hat
+        rows = out.loss_terms.get("rows")
+        if rows is not None:        # MoE: computed in expert-sorted row order, put back in order
+            out.loss_terms["x_hat_sorted"] = x_hat
+            x_hat = x_hat.index_select(0, out.loss_terms["inverse"])
+        out.x_hat = x_hat.reshape(*lead, self.d_in)
         return out
 
     def _enc_bias(self, W, b=None):
@@ -327,7 +332,10 @@ class SAE(nn.Module):
     def _route(self, xs):
         # W_router (x s - b_router) as W_router (x s) - W_router b_router: no [B, d_in] temporary
         p = torch.softmax(torch.addmm(torch.mv(self.W_router, self.b_router).neg(), xs, self.W_router.T), dim=-1)
-        top_p, expert_idx = p.topk(self.n_active, dim=-1)      # n_active=1: argmax
+        if self.n_active == 1:                                  # argmax (cheaper than topk)
+            top_p, expert_idx = p.max(dim=-1, keepdim=True)
+        else:
+            top_p, expert_idx = p.topk(self.n_active, dim=-1)
         if self.config["renormalize_router"]:                   # official Scale code
             weight = torch.zeros_like(p).scatter(1, expert_idx, torch.softmax(top_p, dim=-1))
         else:                                                   # [scale] eq. 2.4 / [switch] eq. 4
@@ -335,14 +343,28 @@ class SAE(nn.Module):
         return p, expert_idx, weight
 
     def _fwd_moe(self, xs):
+        """Rows are processed grouped by their most probable expert (a stable sort): each
+        expert's encoder then reads one contiguous block of rows, and the sparse decode and
+        every sparse backward touch one expert's decoder rows (m x d, cache-resident) at a
+        time instead of the whole dictionary. ``out.values``/``indices``/``x_hat`` are put
+        back in row order; ``loss`` uses the sorted reconstruction (the mean over rows does
+        not depend on their order)."""
         p, expert_idx, weight = self._route(xs)
         W = self.expert_encoder()
         b = self._enc_bias(W.reshape(self.n_latents, self.d_in))
-        z, idx = kernels.expert_topk_encode(xs, W, expert_idx, self.k, b_enc=b)
-        v = z * weight.gather(1, idx // self.m)                 # p_i(x) of each latent's expert
-        return SAEOutput(kernels.sparse_decode(v, idx, self.W_dec), _l0(v), values=v, indices=idx,
-                         router_probs=p, expert_idx=expert_idx,
-                         loss_terms={"router_probs": p, "router_weight": weight, "topk_values": z})
+        rows = torch.argsort(expert_idx[:, 0], stable=True)
+        inverse = kernels._inverse(rows)
+        xs_s = xs.index_select(0, rows)
+        eidx_s = expert_idx.index_select(0, rows)
+        z, idx = kernels.expert_topk_encode(xs_s, W, eidx_s, self.k, b_enc=b)
+        if self.n_active == 1:                                  # every latent of a row is its expert's
+            v = z * weight.index_select(0, rows).gather(1, eidx_s)
+        else:                                                   # p_i(x) of each latent's expert
+            v = z * weight.index_select(0, rows).gather(1, idx // self.m)
+        x_hat = kernels.sparse_decode(v, idx, self.W_dec)
+        terms = {"router_probs": p, "router_weight": weight, "rows": rows, "inverse": inverse, "x_sorted": xs_s}
+        return SAEOutput(x_hat, _l0(v), values=v.index_select(0, inverse), indices=idx.index_select(0, inverse),
+                         router_probs=p, expert_idx=expert_idx, loss_terms=terms)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,7 +384,11 @@ class SAE(nn.Module):
         ``alpha * d * L_aux`` (switch, scale)."""
         s = self.norm_scaling_factor
         x = x.reshape(-1, self.d_in).to(self.W_dec.dtype)
-        recon = _MeanSqErr.apply(out.x_hat.reshape(-1, self.d_in), x)
+        if "x_hat_sorted" in out.loss_terms:   # MoE: the rows in the order they were computed
+            x_s = out.loss_terms["x_sorted"] if s == 1 else x.index_select(0, out.loss_terms["rows"])
+            recon = _MeanSqErr.apply(out.loss_terms["x_hat_sorted"], x_s)
+        else:
+            recon = _MeanSqErr.apply(out.x_hat.reshape(-1, self.d_in), x)
         parts = {"recon": recon * (s * s) if s != 1 else recon}
         if self.kind in ("relu", "gated"):
             acts = out.loss_terms["l1_acts"]
