@@ -70,6 +70,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from . import kernels, utils
 from .utils import check_choice, check_positive_int, resolve_device
 
 SHAPES = {
@@ -305,9 +306,9 @@ def _glibc_mmap_threshold(nbytes):
     try:
         yield
     finally:
-        if libc is not None:   # glibc's steady state after big frees: 32 MiB mmap, 64 MiB trim threshold
-            libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-            libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
+        if libc is not None:   # back to what utils.tune_malloc sets (the timed steps' allocator)
+            libc.mallopt(M_MMAP_THRESHOLD, utils.MALLOC_MMAP_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, utils.MALLOC_TRIM_THRESHOLD)
 
 
 def _peak_memory(step, x, device):
@@ -358,6 +359,7 @@ def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device
         raise ValueError("rows includes 'sparsify' but it is not importable: pip install --no-deps eai-sparsify==1.3.3 "
                          "(+ einops natsort simple-parsing schedulefree accelerate)")
     dev = resolve_device(device)
+    utils.tune_malloc()                # what train.fit does; every row runs under the same allocator
     from .utils import progress as bar
 
     gen = torch.Generator().manual_seed(seed)
@@ -370,23 +372,31 @@ def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device
         built[r] = (step, flops)
     _sync(dev)
     times, cpu = {r: [] for r in rows}, {r: [] for r in rows}
+    parts = {r: {sec: [] for sec in kernels.SECTIONS} for r in rows}
     load0 = _loadavg()
     for _ in bar(range(rounds), desc="rounds", disable=not progress):
         for r in rows:
             step = built[r][0]
             _sync(dev)
-            t0, c0 = time.perf_counter(), time.process_time()
-            for i in range(steps):
-                step(xs[i % 2])
-            _sync(dev)
-            times[r].append((time.perf_counter() - t0) / steps)
-            cpu[r].append((time.process_time() - c0) / steps)
+            with kernels.timed_sections(dev) as sec:
+                t0, c0 = time.perf_counter(), time.process_time()
+                for i in range(steps):
+                    step(xs[i % 2])
+                _sync(dev)
+                times[r].append((time.perf_counter() - t0) / steps)
+                cpu[r].append((time.process_time() - c0) / steps)
+            for name in kernels.SECTIONS:
+                parts[r][name].append(sec.get(name, 0.0) / steps)
     out = []
     for r in rows:
         t = statistics.median(times[r])
-        out.append(dict(row=r, label=ROWS[r]["label"], s_per_step=t, s_min=min(times[r]),
-                        cpu_s_per_step=statistics.median(cpu[r]), tokens_per_s=shp["batch"] / t,
-                        flops_per_token=built[r][1]))
+        row = dict(row=r, label=ROWS[r]["label"], s_per_step=t, s_min=min(times[r]),
+                   cpu_s_per_step=statistics.median(cpu[r]), tokens_per_s=shp["batch"] / t,
+                   flops_per_token=built[r][1])
+        if ROWS[r]["impl"] == "saelib":   # the baselines do not run saelib's sections
+            for name in kernels.SECTIONS:
+                row[f"t_{name}"] = statistics.median(parts[r][name])
+        out.append(row)
     df = pd.DataFrame(out)
     if memory:
         df["peak_mem_mb"] = [_peak_memory(built[r][0], xs[0], dev) / 2**20 for r in rows]
@@ -399,6 +409,33 @@ def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device
     df.attrs.update(shape=shp, device=str(dev), threads=torch.get_num_threads(), steps=steps, rounds=rounds,
                     warmup=warmup, torch=torch.__version__, loadavg=max(load0, _loadavg()), cpus=os.cpu_count())
     return df
+
+
+SHARED = ("decode", "decoder backward", "encoder backward", "optimizer")
+
+
+def breakdown(df: pd.DataFrame) -> pd.DataFrame:
+    """Milliseconds per step in each of ``kernels.SECTIONS`` for the saelib rows of ``df``
+    (medians over rounds, from the same steps as ``s_per_step``), ``other`` (the rest of
+    the step: loss, elementwise work, allocation, autograd bookkeeping) and ``step``.
+
+    ``shared`` = decode + decoder backward + encoder backward + optimizer: O(B k d) sparse
+    work plus the Adam update of every parameter, which every TopK-style SAE of the same
+    width pays whatever its encoder. ``bound_vs_topk`` = t_topk / (shared + encoder
+    matmul): the speed-up over saelib ``topk`` this row would reach if its routing,
+    dispatch, TopK selection and all other work were free -- an upper bound for the
+    expert decomposition with these sparse kernels on this machine."""
+    cols = [f"t_{s}" for s in kernels.SECTIONS]
+    if not set(cols) <= set(df.columns):
+        return pd.DataFrame()
+    b = df[df[cols[0]].notna()].set_index("row")[cols] * 1e3
+    b.columns = list(kernels.SECTIONS)
+    b["other"] = df.set_index("row").loc[b.index, "s_per_step"] * 1e3 - b.sum(axis=1)
+    b["step"] = df.set_index("row").loc[b.index, "s_per_step"] * 1e3
+    b["shared"] = b[list(SHARED)].sum(axis=1)
+    if "topk" in b.index:
+        b["bound_vs_topk"] = b.loc["topk", "step"] / (b["shared"] + b["encoder matmul"])
+    return b
 
 
 def check_targets(df: pd.DataFrame, targets=TARGETS) -> pd.DataFrame:
@@ -459,6 +496,11 @@ def main(argv=None):
                   "compete for the cores; with more than one thread, wall times suffer most (threads wait at "
                   "every parallel region for a descheduled sibling). --threads 1 gives steadier ratios.")
         print(format_table(df))
+        bd = breakdown(df)
+        if len(bd):
+            print("\nwhere the time goes (ms per step; shared = decode + decoder backward + encoder "
+                  "backward + optimizer; bound_vs_topk = t_topk / (shared + encoder matmul)):")
+            print(bd.to_string(float_format="{:.1f}".format))
         tg = check_targets(df)
         if len(tg):
             print("\ntargets (speedup = t_vs / t_row):")

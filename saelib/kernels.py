@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import warnings
 
 import torch
@@ -71,7 +72,9 @@ with warnings.catch_warnings():   # torch warns once per process that CSR is "be
 # --------------------------------------------------------------------------
 # reference implementations (dense, obviously correct)
 # --------------------------------------------------------------------------
-def topk_encode_reference(x, W_enc, b_enc, k):
+def topk_encode_reference(x, W_enc, b_enc, k, b_pre=None):
+    if b_pre is not None:
+        x = x - b_pre
     pre = x @ W_enc.T
     if b_enc is not None:
         pre = pre + b_enc
@@ -79,7 +82,9 @@ def topk_encode_reference(x, W_enc, b_enc, k):
     return F.relu(vals), idx
 
 
-def expert_topk_encode_reference(x, W_enc, expert_idx, k, b_enc=None):
+def expert_topk_encode_reference(x, W_enc, expert_idx, k, b_enc=None, b_pre=None):
+    if b_pre is not None:
+        x = x - b_pre
     E, m, d = W_enc.shape
     B, n_active = expert_idx.shape
     W_sel = W_enc[expert_idx]                                  # [B, n_active, m, d]
@@ -109,6 +114,50 @@ _workspace_lock = threading.Lock()
 CHUNK_ROWS = 2048           # CPU: rows of pre-activations computed (and TopK'd) at a time,
 CHUNK_ELEMENTS = 2**25      # at most this many entries (128 MiB float32); few chunks keep the
                             # number of parallel regions (thread barriers) per call small
+
+
+# --------------------------------------------------------------------------
+# where the time goes: named sections, timed only inside ``timed_sections()``
+# --------------------------------------------------------------------------
+SECTIONS = ("router", "dispatch", "encoder matmul", "select", "decode", "decoder backward",
+            "encoder backward", "optimizer")
+_timing = None              # {section: seconds} while timing is on, else None
+_timing_cuda = False
+
+
+class section:
+    """``with section(name):`` adds the block's wall time to ``name`` when timing is on (a
+    flag test otherwise). Sections never nest; on CUDA each edge synchronises."""
+    __slots__ = ("name", "t0")
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        if _timing is not None:
+            if _timing_cuda:
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if _timing is not None:
+            if _timing_cuda:
+                torch.cuda.synchronize()
+            _timing[self.name] = _timing.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+@contextlib.contextmanager
+def timed_sections(device="cpu"):
+    """Collect the time spent in each of :data:`SECTIONS` (seconds, summed over calls)
+    into the yielded dict. Used by ``saelib.bench`` to split a training step."""
+    global _timing, _timing_cuda
+    if _timing is not None:
+        raise RuntimeError("timed_sections() is already active")
+    _timing, _timing_cuda = {}, torch.device(device).type == "cuda"
+    try:
+        yield _timing
+    finally:
+        _timing = None
 
 
 def _transpose_structure(indices, n_rows):
@@ -186,16 +235,35 @@ def _gather_rowdot(indices, W, rhs):
                           for i, r in zip(indices.split(256), rhs.split(256))])
 
 
-def _encoder_backward(needs, x, W, indices, g, n_bias):
-    """Gradients of ``values = pre.gather(1, indices)``, ``pre = x @ W.T + b``, given the
-    gradient ``g`` [B, k] of the selected pre-activations (already ReLU-masked)."""
+def _fold_b_pre(W, b, b_pre):
+    """The bias of ``(x - b_pre) W^T + b`` written as ``x W^T + (b - W b_pre)``: the
+    encoder then never forms ``x - b_pre`` (a [B, d] temporary whose gradient would need
+    a sparse product of its own)."""
+    if b_pre is None:
+        return b
+    bb = torch.mv(W, b_pre.to(W.dtype)).neg_()
+    return bb if b is None else bb.add_(b)
+
+
+def _encoder_backward(needs, x, W, indices, g, b_pre=None):
+    """Gradients of ``values = pre.gather(1, indices)``, ``pre = (x - b_pre) @ W.T + b``,
+    given the gradient ``g`` [B, k] of the selected pre-activations (already ReLU-masked).
+    ``needs`` = (x, W, b, b_pre). With ``x_c = x - b_pre``:
+    ``grad_W[i] = sum_b g_bi x_c,b = (G^T x)[i] - gb_i b_pre`` (one sparse product, then a
+    rank-one update in place), ``gb = grad_b = sum_b g_bi``, ``grad_b_pre = -W^T gb``."""
     g = g.to(W.dtype)
+    n = W.shape[0]
     grad_x = _gather_rows(indices, g, W) if needs[0] else None
-    grad_W = _scatter_rows(indices, g, x, W.shape[0]) if needs[1] else None
-    grad_b = None
-    if needs[2]:
-        grad_b = g.new_zeros(n_bias).index_add_(0, indices.reshape(-1), g.reshape(-1))
-    return grad_x, grad_W, grad_b
+    gb = None
+    if needs[2] or (b_pre is not None and (needs[1] or needs[3])):
+        gb = g.new_zeros(n).index_add_(0, indices.reshape(-1), g.reshape(-1))
+    grad_W = None
+    if needs[1]:
+        grad_W = _scatter_rows(indices, g, x, n)
+        if b_pre is not None:
+            grad_W.addr_(gb, b_pre.to(W.dtype), alpha=-1)
+    grad_b_pre = torch.mv(W.T, gb).neg_().to(b_pre.dtype) if b_pre is not None and needs[3] else None
+    return grad_x, grad_W, gb if needs[2] else None, grad_b_pre
 
 
 def _group_topk(pre, k, s1, s2=1):
@@ -245,7 +313,10 @@ def _dense_topk(x, W, b, k):
     are done CHUNK_ROWS at a time into a reused scratch buffer, so the group maxima of
     ``_group_topk`` read it from cache. On CUDA: one matmul and torch.topk."""
     if x.device.type != "cpu":
-        return F.linear(x, W, b).topk(k, dim=-1, sorted=False)
+        with section("encoder matmul"):
+            pre = F.linear(x, W, b)
+        with section("select"):
+            return pre.topk(k, dim=-1, sorted=False)
     B, n = x.shape[0], W.shape[0]
     vals = x.new_empty(B, k)
     idx = torch.empty(B, k, dtype=torch.long)
@@ -263,13 +334,15 @@ def _dense_topk(x, W, b, k):
         for s in range(0, B, rows):
             xs = x[s:s + rows]
             pre = buf[:xs.shape[0] * n].view(xs.shape[0], n)
-            if b is None:
-                torch.mm(xs, Wt, out=pre)
-            else:
-                torch.addmm(b, xs, Wt, out=pre)
-            v, i = _topk(pre, k)
-            vals[s:s + rows] = v
-            idx[s:s + rows] = i
+            with section("encoder matmul"):
+                if b is None:
+                    torch.mm(xs, Wt, out=pre)
+                else:
+                    torch.addmm(b, xs, Wt, out=pre)
+            with section("select"):
+                v, i = _topk(pre, k)
+                vals[s:s + rows] = v
+                idx[s:s + rows] = i
     finally:
         if own:
             _workspace_lock.release()
@@ -314,72 +387,80 @@ class TopKEncode(torch.autograd.Function):
     """values, indices = ReLU(TopK_k(x @ W_enc.T + b_enc)); sparse backward."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k):
-        vals, idx = _dense_topk(x, W_enc, b_enc, k)          # the only dense work
+    def forward(ctx, x, W_enc, b_enc, b_pre, k):
+        with section("encoder matmul"):
+            bias = _fold_b_pre(W_enc, b_enc, b_pre)
+        vals, idx = _dense_topk(x, W_enc, bias, k)           # the only dense work
         vals = vals.relu_()
-        ctx.save_for_backward(x, W_enc, vals, idx)
+        ctx.save_for_backward(x, W_enc, vals, idx, b_pre)
         ctx.mark_non_differentiable(idx)
         return vals, idx
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_vals, _grad_idx):
-        x, W, vals, idx = ctx.saved_tensors
-        g = grad_vals * (vals > 0)
-        return (*_encoder_backward(ctx.needs_input_grad[:3], x, W, idx, g, W.shape[0]), None)
+        x, W, vals, idx, b_pre = ctx.saved_tensors
+        with section("encoder backward"):
+            g = grad_vals * (vals > 0)
+            return (*_encoder_backward(ctx.needs_input_grad[:4], x, W, idx, g, b_pre), None)
 
 
 class ExpertTopKEncode(torch.autograd.Function):
     """Global TopK over the ``n_active`` selected experts, each expert run on its rows only."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, expert_idx, k):
+    def forward(ctx, x, W_enc, b_enc, b_pre, expert_idx, k):
         E, m, d = W_enc.shape
         B, A = expert_idx.shape
-        flat = expert_idx.reshape(-1).long()                   # (row, slot) pairs
-        presorted = A == 1 and bool((flat[1:] >= flat[:-1]).all())
-        order = None if presorted else torch.argsort(flat, stable=True)   # pairs grouped by expert
-        sizes = torch.bincount(flat, minlength=E).tolist()     # the one host sync
-        xs = x if presorted else x.index_select(0, order.div(A, rounding_mode="floor"))
+        with section("encoder matmul"):
+            b_enc = _fold_b_pre(W_enc.reshape(E * m, d), b_enc, b_pre)
+        with section("dispatch"):
+            flat = expert_idx.reshape(-1).long()                   # (row, slot) pairs
+            presorted = A == 1 and bool((flat[1:] >= flat[:-1]).all())
+            order = None if presorted else torch.argsort(flat, stable=True)   # pairs grouped by expert
+            sizes = torch.bincount(flat, minlength=E).tolist()     # the host sync
+            xs = x if presorted else x.index_select(0, order.div(A, rounding_mode="floor"))
         b = None if b_enc is None else b_enc.reshape(E, m)
         with _scratch(("expert", x.dtype, x.device), B * A * m, x) as buf:   # selected experts only
             pre = buf.view(B * A, m)
-            start = 0
-            for e, c in enumerate(sizes):                          # E small matmuls, no masking
-                if c:
-                    sl = slice(start, start + c)
-                    if b is None:
-                        torch.mm(xs[sl], W_enc[e].T, out=pre[sl])
-                    else:
-                        torch.addmm(b[e], xs[sl], W_enc[e].T, out=pre[sl])
-                    start += c
-            if presorted:                                          # rows already grouped by expert
-                vals, idx = _topk(pre, k)
-                idx += flat.unsqueeze(1) * m                       # local -> global latent id
-            elif A == 1:                                           # TopK row by row, then unsort
-                v, j = _topk(pre, k)
-                j += flat[order].unsqueeze(1) * m
-                inverse = _inverse(order)                          # gathers: ~3x faster than index_copy_
-                vals, idx = v.index_select(0, inverse), j.index_select(0, inverse)
-            else:                                                  # one global TopK over the A*m
-                pre = pre.index_select(0, _inverse(order)).view(B, A * m)
-                vals, local = _topk(pre, k)
-                idx = expert_idx.long().gather(1, local.div(m, rounding_mode="floor")) * m + local % m
+            with section("encoder matmul"):
+                start = 0
+                for e, c in enumerate(sizes):                      # E small matmuls, no masking
+                    if c:
+                        sl = slice(start, start + c)
+                        if b is None:
+                            torch.mm(xs[sl], W_enc[e].T, out=pre[sl])
+                        else:
+                            torch.addmm(b[e], xs[sl], W_enc[e].T, out=pre[sl])
+                        start += c
+            with section("select"):
+                if presorted:                                      # rows already grouped by expert
+                    vals, idx = _topk(pre, k)
+                    idx += flat.unsqueeze(1) * m                   # local -> global latent id
+                elif A == 1:                                       # TopK row by row, then unsort
+                    v, j = _topk(pre, k)
+                    j += flat[order].unsqueeze(1) * m
+                    inverse = _inverse(order)                      # gathers: ~3x faster than index_copy_
+                    vals, idx = v.index_select(0, inverse), j.index_select(0, inverse)
+                else:                                              # one global TopK over the A*m
+                    pre = pre.index_select(0, _inverse(order)).view(B, A * m)
+                    vals, local = _topk(pre, k)
+                    idx = expert_idx.long().gather(1, local.div(m, rounding_mode="floor")) * m + local % m
         vals = vals.relu_()
-        ctx.save_for_backward(x, W_enc, vals, idx)
-        ctx.has_bias = b_enc is not None
+        ctx.save_for_backward(x, W_enc, vals, idx, b_pre)
         ctx.mark_non_differentiable(idx)
         return vals, idx
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_vals, _grad_idx):
-        x, W_enc, vals, idx = ctx.saved_tensors
+        x, W_enc, vals, idx, b_pre = ctx.saved_tensors
         E, m, d = W_enc.shape
         W = W_enc.reshape(E * m, d)
-        g = grad_vals * (vals > 0)
-        gx, gW, gb = _encoder_backward(ctx.needs_input_grad[:3], x, W, idx, g, E * m)
-        return gx, None if gW is None else gW.view(E, m, d), gb, None, None
+        with section("encoder backward"):
+            g = grad_vals * (vals > 0)
+            gx, gW, gb, gp = _encoder_backward(ctx.needs_input_grad[:4], x, W, idx, g, b_pre)
+        return gx, None if gW is None else gW.view(E, m, d), gb, gp, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -388,15 +469,17 @@ class SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, W_dec):
         ctx.save_for_backward(values, indices, W_dec)
-        return _gather_rows(indices, values, W_dec)
+        with section("decode"):
+            return _gather_rows(indices, values, W_dec)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         values, indices, W_dec = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_v = _gather_rowdot(indices, W_dec, grad_out).to(values.dtype) if needs[0] else None
-        grad_W = _scatter_rows(indices, values, grad_out, W_dec.shape[0]) if needs[2] else None
+        with section("decoder backward"):
+            grad_v = _gather_rowdot(indices, W_dec, grad_out).to(values.dtype) if needs[0] else None
+            grad_W = _scatter_rows(indices, values, grad_out, W_dec.shape[0]) if needs[2] else None
         return grad_v, None, grad_W
 
 
@@ -408,22 +491,24 @@ def _check_k(k, n, what):
         raise ValueError(f"k must be an integer in [1, {n}] ({what}), got {k!r}")
 
 
-def topk_encode(x, W_enc, b_enc, k):
-    """ReLU(TopK_k(x W_enc^T + b_enc)) (Gao et al. 2024, eq. 2) as ``(values, indices)``
-    [B, k]; fused dense forward, sparse backward (no [B, n_latents] gradient)."""
+def topk_encode(x, W_enc, b_enc, k, b_pre=None):
+    """ReLU(TopK_k((x - b_pre) W_enc^T + b_enc)) (Gao et al. 2024, eq. 2) as ``(values,
+    indices)`` [B, k]; fused dense forward, sparse backward (no [B, n_latents] gradient).
+    ``b_enc`` and ``b_pre`` may be None."""
     _check_k(k, W_enc.shape[0], "n_latents")
-    return TopKEncode.apply(x, W_enc, b_enc, k)
+    return TopKEncode.apply(x, W_enc, b_enc, b_pre, k)
 
 
-def expert_topk_encode(x, W_enc, expert_idx, k, b_enc=None):
+def expert_topk_encode(x, W_enc, expert_idx, k, b_enc=None, b_pre=None):
     """Switch SAE (Mudide et al., eq. 1-2; n_active=1) and Scale SAE (Xu et al., global
     TopK over the ``n_active`` selected experts) encoder. Rows are grouped by expert and
     each expert's ``[m, d]`` encoder runs on its own rows only; returns ReLU'd values and
     global latent ids ``e * m + j``, both [B, k]. ``W_enc`` [E, m, d] may be a non-leaf
-    tensor (e.g. feature-scaled weights); its gradient comes back in its own shape."""
+    tensor (e.g. feature-scaled weights); its gradient comes back in its own shape. The
+    pre-activations are ``(x - b_pre) W_e^T + b_enc[e]`` (``b_enc`` [E*m], both optional)."""
     E, m, _ = W_enc.shape
     _check_k(k, expert_idx.shape[1] * m, "n_active * experts' width")
-    return ExpertTopKEncode.apply(x, W_enc, b_enc, expert_idx, k)
+    return ExpertTopKEncode.apply(x, W_enc, b_enc, b_pre, expert_idx, k)
 
 
 def sparse_decode(values, indices, W_dec):

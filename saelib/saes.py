@@ -265,8 +265,8 @@ class SAE(nn.Module):
         xs = x.reshape(-1, self.d_in).to(self.W_dec.dtype)
         xs = xs * s if s != 1 else xs                  # no pass over the batch when s = 1
         out = getattr(self, f"_fwd_{self.kind if self.kind in DENSE_KINDS else 'moe'}")(xs)
-        x_hat = out.x_hat + self.b_pre
-        x_hat = x_hat / s if s != 1 else x_hat
+        x_hat = out.x_hat.add_(self.b_pre)             # in place: a fresh decoder output, not saved
+        x_hat = x_hat.div_(s) if s != 1 else x_hat     # for backward by the op that made it
         rows = out.loss_terms.get("rows")
         if rows is not None:        # MoE: computed in expert-sorted row order, put back in order
             out.loss_terms["x_hat_sorted"] = x_hat
@@ -291,16 +291,15 @@ class SAE(nn.Module):
         return SAEOutput(z @ self.W_dec, _l0(z), latents=z, loss_terms={"l1_acts": pi_gate.relu_()})
 
     def _fwd_topk(self, xs):
-        v, i = kernels.topk_encode(xs, self.W_enc, self._enc_bias(self.W_enc, self.b_enc), self.k)
+        v, i = kernels.topk_encode(xs, self.W_enc, self.b_enc, self.k, b_pre=self.b_pre)
         return SAEOutput(kernels.sparse_decode(v, i, self.W_dec), _l0(v), values=v, indices=i)
 
     def _fwd_batchtopk(self, xs):
         # which activations survive is decided without gradient on the dense pre-activations;
         # the differentiable code then comes from the TopK kernel (sparse backward) with the
         # widest row's count, the entries below the cut set to 0
-        b = self._enc_bias(self.W_enc, self.b_enc)
         with torch.no_grad():
-            pre = torch.addmm(b, xs, self.W_enc.T).relu_()
+            pre = torch.addmm(self._enc_bias(self.W_enc, self.b_enc), xs, self.W_enc.T).relu_()
             lo, strict = self.threshold, True              # inference: keep pre > theta
             if self.training:   # the k*B largest activations of the whole batch
                 cut = float(self._batch_kth(pre, self.k * pre.shape[0]))
@@ -310,7 +309,7 @@ class SAE(nn.Module):
                     self.threshold_count += 1
             width = max(1, int(torch.count_nonzero((pre > lo) if strict else (pre >= lo), dim=-1).max()))
             del pre
-        v, i = kernels.topk_encode(xs, self.W_enc, b, width)
+        v, i = kernels.topk_encode(xs, self.W_enc, self.b_enc, width, b_pre=self.b_pre)
         v = v * ((v > lo) if strict else (v >= lo))
         return SAEOutput(kernels.sparse_decode(v, i, self.W_dec), _l0(v), values=v, indices=i)
 
@@ -330,6 +329,10 @@ class SAE(nn.Module):
         return t
 
     def _route(self, xs):
+        with kernels.section("router"):
+            return self._route_(xs)
+
+    def _route_(self, xs):
         # W_router (x s - b_router) as W_router (x s) - W_router b_router: no [B, d_in] temporary
         p = torch.softmax(torch.addmm(torch.mv(self.W_router, self.b_router).neg(), xs, self.W_router.T), dim=-1)
         if self.n_active == 1:                                  # argmax (cheaper than topk)
@@ -351,12 +354,12 @@ class SAE(nn.Module):
         not depend on their order)."""
         p, expert_idx, weight = self._route(xs)
         W = self.expert_encoder()
-        b = self._enc_bias(W.reshape(self.n_latents, self.d_in))
-        rows = torch.argsort(expert_idx[:, 0], stable=True)
-        inverse = kernels._inverse(rows)
-        xs_s = xs.index_select(0, rows)
-        eidx_s = expert_idx.index_select(0, rows)
-        z, idx = kernels.expert_topk_encode(xs_s, W, eidx_s, self.k, b_enc=b)
+        with kernels.section("dispatch"):
+            rows = torch.argsort(expert_idx[:, 0], stable=True)
+            inverse = kernels._inverse(rows)
+            xs_s = xs.index_select(0, rows)
+            eidx_s = expert_idx.index_select(0, rows)
+        z, idx = kernels.expert_topk_encode(xs_s, W, eidx_s, self.k, b_pre=self.b_pre)
         if self.n_active == 1:                                  # every latent of a row is its expert's
             v = z * weight.index_select(0, rows).gather(1, eidx_s)
         else:                                                   # p_i(x) of each latent's expert

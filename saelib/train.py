@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import utils
+from . import kernels, utils
 from .utils import atomic_path, check_choice, check_positive_int, resolve_device
 
 DECAY_FRACTION = 0.2
@@ -142,16 +142,17 @@ def _train_step(sae, opt, x, lr, aux_k, aux_k_coef, dead, step):
                                  "lower lr, use normalize='unit', or check the data for NaN/inf")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    sae.remove_parallel_grad_()
-    params = [p for p in sae.parameters() if p.grad is not None]
-    try:   # clip_grad_norm_(params, 1.0), minus its pass over the gradients when the factor is 1
-        total = torch.nn.utils.get_total_norm([p.grad for p in params], error_if_nonfinite=True)
-    except RuntimeError as e:
-        raise FloatingPointError(f"fit: non-finite gradient at step {step}") from e
-    if float(1.0 / (total + 1e-6)) < 1.0:
-        torch.nn.utils.clip_grads_with_norm_(params, 1.0, total)
-    opt.step()
-    sae.normalize_decoder_()
+    with kernels.section("optimizer"):
+        sae.remove_parallel_grad_()
+        params = [p for p in sae.parameters() if p.grad is not None]
+        try:   # clip_grad_norm_(params, 1.0), minus its pass over the gradients when the factor is 1
+            total = torch.nn.utils.get_total_norm([p.grad for p in params], error_if_nonfinite=True)
+        except RuntimeError as e:
+            raise FloatingPointError(f"fit: non-finite gradient at step {step}") from e
+        if float(1.0 / (total + 1e-6)) < 1.0:
+            torch.nn.utils.clip_grads_with_norm_(params, 1.0, total)
+        opt.step()
+        sae.normalize_decoder_()
     return out, value, parts
 
 
@@ -238,6 +239,8 @@ def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None =
                 dead_window=dead_window, sample_size=sample_size)
 
     sae.to(dev)
+    if dev.type == "cpu":
+        utils.tune_malloc()        # no page faults for the step's reused temporaries
     opt = _optimizer(sae.parameters(), lr)
     since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=dev)
     history, acc, start, wall0 = [], {}, 0, 0.0

@@ -76,6 +76,45 @@ def resolve_device(device: str | None = "auto"):
         raise ValueError(f"device={device!r} is not a valid torch device; use 'auto', 'cpu' or 'cuda[:i]'") from e
 
 
+# glibc malloc settings for training processes (see tune_malloc)
+MALLOC_MMAP_THRESHOLD = 32 * 2**20    # glibc's maximum: smaller blocks come from the heap
+MALLOC_TRIM_THRESHOLD = 2**30         # keep up to 1 GiB of freed memory at the top of the heap
+MALLOC_TOP_PAD = 64 * 2**20           # grow the heap in 64 MiB steps
+_malloc_tuned = False
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A training step allocates and frees the same few [batch, d] tensors every step. With
+    glibc's defaults, freed memory at the top of the heap (and every block of 32 MiB or
+    more) is returned to the kernel and faulted back in, page by page, on the next
+    step: on this project's 2-core VM a fresh 8 MiB tensor costs up to ~18 ms of page
+    faults against 0.3 ms for a reused one. This sets ``M_MMAP_THRESHOLD`` (32 MiB),
+    ``M_TRIM_THRESHOLD`` (1 GiB) and ``M_TOP_PAD`` (64 MiB) with ``mallopt``, like the
+    ``MALLOC_*_`` environment variables would. The cost: the process keeps up to 1 GiB
+    of freed heap mapped. Numerics are unchanged. Called by ``train.fit`` and
+    ``saelib.bench``; a no-op (False) where glibc is not the allocator."""
+    global _malloc_tuned
+    if _malloc_tuned:
+        return True
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+        ok = all(libc.mallopt(opt, val) == 1 for opt, val in (
+            (M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD), (M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD),
+            (M_TOP_PAD, MALLOC_TOP_PAD)))
+    except (OSError, AttributeError):
+        return False
+    _malloc_tuned = ok
+    return ok
+
+
 def set_seed(seed: int) -> None:
     import torch
 

@@ -49,14 +49,17 @@ def _assert_same(fast, ref):
 # ---------------------------------------------------------------------------
 # dense TopK encoder + sparse decoder
 # ---------------------------------------------------------------------------
+@pytest.mark.parametrize("fold", [False, True])   # b_pre subtracted outside, or passed to the kernel
 @pytest.mark.parametrize("B,d,n,k,bias", [(37, 12, 96, 7, True), (1, 8, 40, 5, False), (64, 16, 64, 64, True)])
-def test_topk_encode_and_sparse_decode_match_reference(B, d, n, k, bias):
+def test_topk_encode_and_sparse_decode_match_reference(B, d, n, k, bias, fold):
     x0, b_pre = _leaf(B, d, seed=1), _leaf(d, seed=2)
     W_enc, W_dec = _leaf(n, d, seed=3), _leaf(n, d, seed=4)
     b_enc = _leaf(n, seed=5, scale=0.1) if bias else None
     leaves = [t for t in (x0, b_pre, W_enc, b_enc, W_dec) if t is not None]
 
     def go(enc, dec):
+        if fold:
+            return _run(lambda: enc(x0, W_enc, b_enc, k, b_pre=b_pre), lambda v, i: dec(v, i, W_dec), leaves)
         return _run(lambda: enc(x0 - b_pre, W_enc, b_enc, k), lambda v, i: dec(v, i, W_dec), leaves)
 
     _assert_same(go(K.topk_encode, K.sparse_decode),
@@ -113,6 +116,8 @@ def test_sparse_decode_gradients_of_values_and_weights():
 def test_topk_encode_gradcheck():
     x, W, b = _leaf(6, 5, seed=8), _leaf(20, 5, seed=9), _leaf(20, seed=10)
     assert torch.autograd.gradcheck(lambda x, W, b: K.topk_encode(x, W, b, 4)[0], (x, W, b))
+    p = _leaf(5, seed=26)
+    assert torch.autograd.gradcheck(lambda x, W, b, p: K.topk_encode(x, W, b, 4, b_pre=p)[0], (x, W, b, p))
 
 
 # ---------------------------------------------------------------------------
@@ -132,16 +137,24 @@ def _expert_idx(B, E, n_active, seed, allowed=None):
     (19, 4, 3, 6, 5, True, None),              # k > m: the TopK must span experts
     (33, 4, 128, 8, 4, True, None),            # m >= 16 k: the group-max TopK path
 ])
-def test_expert_topk_encode_matches_reference(n_active, B, E, m, d, k, bias, allowed):
+@pytest.mark.parametrize("fold,presort", [(False, False), (True, False), (True, True)])
+def test_expert_topk_encode_matches_reference(n_active, B, E, m, d, k, bias, allowed, fold, presort):
+    """``fold``: b_pre passed to the kernel (its gradient folded into the sparse backward);
+    ``presort``: rows already grouped by (first) expert, the order ``SAE`` feeds them in."""
     if allowed is not None and n_active > len(allowed) or n_active * m < k:
         pytest.skip("shape not valid for this n_active")
     x0, b_pre = _leaf(B, d, seed=11), _leaf(d, seed=12)
     W_enc, W_dec = _leaf(E * m, d, seed=13), _leaf(E * m, d, seed=14)
     b_enc = _leaf(E * m, seed=15, scale=0.1) if bias else None
     eidx = _expert_idx(B, E, n_active, seed=16, allowed=allowed)
+    if presort:
+        eidx = eidx[eidx[:, 0].argsort(stable=True)]
     leaves = [t for t in (x0, b_pre, W_enc, b_enc, W_dec) if t is not None]
 
     def go(enc, dec):
+        if fold:
+            return _run(lambda: enc(x0, W_enc.view(E, m, d), eidx, k, b_enc, b_pre=b_pre),
+                        lambda v, i: dec(v, i, W_dec), leaves)
         return _run(lambda: enc(x0 - b_pre, W_enc.view(E, m, d), eidx, k, b_enc),
                     lambda v, i: dec(v, i, W_dec), leaves)
 
@@ -179,6 +192,9 @@ def test_expert_topk_encode_gradcheck():
     x, W, b = _leaf(7, 4, seed=22), _leaf(3, 5, 4, seed=23), _leaf(15, seed=24)
     eidx = _expert_idx(7, 3, 2, seed=25)
     assert torch.autograd.gradcheck(lambda x, W, b: K.expert_topk_encode(x, W, eidx, 4, b)[0], (x, W, b))
+    p = _leaf(4, seed=27)
+    assert torch.autograd.gradcheck(lambda x, W, b, p: K.expert_topk_encode(x, W, eidx, 4, b, b_pre=p)[0],
+                                    (x, W, b, p))
 
 
 # ---------------------------------------------------------------------------
