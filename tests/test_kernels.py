@@ -313,7 +313,42 @@ def test_bench_runs_and_reports_consistent_ratios():
     assert f["naive"] == 2 * (2 * 128 * 16) and f["official_switch16"] > f["topk"] > f["switch16"]
     targets = bench.check_targets(df)
     assert set(targets["row"]) == {"topk", "switch16", "scale16x2"}     # sparsify is not in rows
+    # the per-section split covers the saelib rows only and adds up to the measured step
+    bd = bench.breakdown(df)
+    assert list(bd.index) == ["topk", "switch16", "scale16x2"]
+    sections = bd[list(K.SECTIONS)]
+    assert (sections >= 0).all().all() and (sections.sum(axis=1) <= bd["step"] * 1.0001).all()
+    assert (bd.loc["topk", ["router", "dispatch"]] == 0).all()               # dense: no routing
+    assert (bd.loc[["switch16", "scale16x2"], ["router", "dispatch", "select", "encoder backward"]] > 0).all().all()
+    assert_close(bd["bound_vs_topk"]["switch16"],
+                 bd["step"]["topk"] / (bd.loc["switch16", list(bench.SHARED)].sum() + bd["encoder matmul"]["switch16"]))
     with pytest.raises(ValueError, match="rows"):
         bench.run("quick", rows=["nope"])
     with pytest.raises(ValueError, match="shape"):
         bench.run("huge")
+
+
+def test_timed_sections_record_only_inside_the_block():
+    x, W, W_dec = _leaf(8, 4, seed=30), _leaf(16, 4, seed=31), _leaf(16, 4, seed=32)
+
+    def step():
+        v, i = K.topk_encode(x, W, None, 3)
+        K.sparse_decode(v, i, W_dec).sum().backward()
+
+    with K.timed_sections() as t:
+        step()
+        with pytest.raises(RuntimeError, match="already active"):
+            with K.timed_sections():
+                pass
+    assert {"encoder matmul", "select", "decode", "decoder backward", "encoder backward"} <= set(t)
+    assert all(v > 0 for v in t.values()) and set(t) <= set(K.SECTIONS)
+    before = dict(t)
+    step()                                           # timing off again: nothing added
+    assert t == before and K._timing is None
+
+
+def test_tune_malloc_is_idempotent():
+    from saelib import utils
+
+    first = utils.tune_malloc()
+    assert isinstance(first, bool) and utils.tune_malloc() == first
