@@ -248,9 +248,9 @@ class SAE(nn.Module):
         if not self.config["feature_scaling"]:
             return W
         dec = self.config["decomposition"]
-        if dec == "mean":
-            low = W.mean(1, keepdim=True)
-        elif dec == "identity":
+        if dec == "mean":                              # the same formula, with a lean backward
+            return kernels.feature_scale_mean(W, self.omega)
+        if dec == "identity":
             low = torch.eye(self.m, self.d_in, device=W.device, dtype=W.dtype).unsqueeze(0)
         else:
             low = (W.mean(1) @ self.lp_transform.T).unsqueeze(1)

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import metrics, saes, scaling, train
+from . import kernels, metrics, saes, scaling, train
 from .utils import atomic_path, cache_dir, check_choice, check_positive_int, config_hash, progress
 
 CACHE_VERSION = 1
@@ -124,9 +124,10 @@ def code_key(source: str) -> str:
 
 
 def _code_hash() -> str:
-    """:func:`code_key` of ``saes.py`` + ``train.py``: a change to what the recipe
-    computes retrains, a comment or docstring edit does not."""
-    files = [Path(m.__file__) for m in (saes, train)]
+    """:func:`code_key` of ``saes.py``, ``train.py`` and ``kernels.py``: a change to what
+    the recipe computes (or to the order of its floating-point sums) retrains, a comment
+    or docstring edit does not."""
+    files = [Path(m.__file__) for m in (saes, train, kernels)]
     stamp = tuple(f.stat().st_mtime_ns for f in files)
     if _CODE_HASH.get("stamp") != stamp:
         _CODE_HASH.update(stamp=stamp, key=config_hash([code_key(f.read_text()) for f in files]))

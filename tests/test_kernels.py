@@ -352,3 +352,14 @@ def test_tune_malloc_is_idempotent():
 
     first = utils.tune_malloc()
     assert isinstance(first, bool) and utils.tune_malloc() == first
+
+
+def test_feature_scale_mean_matches_the_formula():
+    W, omega = _leaf(3, 5, 4, seed=40), _leaf(3, seed=41, scale=0.5)
+    assert torch.autograd.gradcheck(K.feature_scale_mean, (W, omega))
+    low = W.mean(1, keepdim=True)
+    plain = low + (1 + omega.view(-1, 1, 1)) * (W - low)
+    assert_close(K.feature_scale_mean(W, omega), plain)
+    G = torch.randn(3, 5, 4, dtype=F64)
+    assert_close(torch.autograd.grad(K.feature_scale_mean(W, omega), [W, omega], G),
+                 torch.autograd.grad(plain, [W, omega], G))
