@@ -415,7 +415,7 @@ SHARED = ("decode", "decoder backward", "encoder backward", "optimizer")
 
 
 def breakdown(df: pd.DataFrame) -> pd.DataFrame:
-    """Milliseconds per step in each of ``kernels.SECTIONS`` for the saelib rows of ``df``
+    """Milliseconds per step in each of ``kernels.SECTIONS`` for the TopK-style saelib rows of ``df``
     (medians over rounds, from the same steps as ``s_per_step``), ``other`` (the rest of
     the step: loss, elementwise work, allocation, autograd bookkeeping) and ``step``.
 
@@ -424,17 +424,21 @@ def breakdown(df: pd.DataFrame) -> pd.DataFrame:
     width pays whatever its encoder. ``bound_vs_topk`` = t_topk / (shared + encoder
     matmul): the speed-up over saelib ``topk`` this row would reach if its routing,
     dispatch, TopK selection and all other work were free -- an upper bound for the
-    expert decomposition with these sparse kernels on this machine."""
+    expert decomposition with these sparse kernels on this machine (MoE rows only)."""
     cols = [f"t_{s}" for s in kernels.SECTIONS]
     if not set(cols) <= set(df.columns):
         return pd.DataFrame()
-    b = df[df[cols[0]].notna()].set_index("row")[cols] * 1e3
+    from .saes import TOPK_KINDS      # relu/gated run plain autograd: their sections would be empty
+
+    keep = df[cols[0]].notna() & df["row"].map(lambda r: ROWS[r].get("kind") in TOPK_KINDS)
+    b = df[keep].set_index("row")[cols] * 1e3
     b.columns = list(kernels.SECTIONS)
     b["other"] = df.set_index("row").loc[b.index, "s_per_step"] * 1e3 - b.sum(axis=1)
     b["step"] = df.set_index("row").loc[b.index, "s_per_step"] * 1e3
     b["shared"] = b[list(SHARED)].sum(axis=1)
     if "topk" in b.index:
-        b["bound_vs_topk"] = b.loc["topk", "step"] / (b["shared"] + b["encoder matmul"])
+        moe = [r for r in b.index if ROWS[r].get("n_experts")]
+        b["bound_vs_topk"] = (b.loc["topk", "step"] / (b["shared"] + b["encoder matmul"]))[moe]
     return b
 
 
