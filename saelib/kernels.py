@@ -383,6 +383,23 @@ def release_workspace():
 # --------------------------------------------------------------------------
 # fused autograd Functions
 # --------------------------------------------------------------------------
+def _save_encoded(ctx, x, W, vals, idx, b_pre):
+    """The end of both encoder forwards: ReLU, save what the sparse backward needs."""
+    vals = vals.relu_()
+    ctx.save_for_backward(x, W, vals, idx, b_pre)
+    ctx.mark_non_differentiable(idx)
+    return vals, idx
+
+
+def _encoded_backward(ctx, grad_vals):
+    """Both encoders' backward: ``(grad_x, grad_W in W's own shape, grad_b_enc, grad_b_pre)``."""
+    x, W, vals, idx, b_pre = ctx.saved_tensors
+    with section("encoder backward"):
+        g = grad_vals * (vals > 0)
+        gx, gW, gb, gp = _encoder_backward(ctx.needs_input_grad[:4], x, W.reshape(-1, W.shape[-1]), idx, g, b_pre)
+    return gx, None if gW is None else gW.view(W.shape), gb, gp
+
+
 class TopKEncode(torch.autograd.Function):
     """values, indices = ReLU(TopK_k(x @ W_enc.T + b_enc)); sparse backward."""
 
@@ -391,18 +408,12 @@ class TopKEncode(torch.autograd.Function):
         with section("encoder matmul"):
             bias = _fold_b_pre(W_enc, b_enc, b_pre)
         vals, idx = _dense_topk(x, W_enc, bias, k)           # the only dense work
-        vals = vals.relu_()
-        ctx.save_for_backward(x, W_enc, vals, idx, b_pre)
-        ctx.mark_non_differentiable(idx)
-        return vals, idx
+        return _save_encoded(ctx, x, W_enc, vals, idx, b_pre)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_vals, _grad_idx):
-        x, W, vals, idx, b_pre = ctx.saved_tensors
-        with section("encoder backward"):
-            g = grad_vals * (vals > 0)
-            return (*_encoder_backward(ctx.needs_input_grad[:4], x, W, idx, g, b_pre), None)
+        return (*_encoded_backward(ctx, grad_vals), None)
 
 
 class ExpertTopKEncode(torch.autograd.Function):
@@ -446,21 +457,12 @@ class ExpertTopKEncode(torch.autograd.Function):
                     pre = pre.index_select(0, _inverse(order)).view(B, A * m)
                     vals, local = _topk(pre, k)
                     idx = expert_idx.long().gather(1, local.div(m, rounding_mode="floor")) * m + local % m
-        vals = vals.relu_()
-        ctx.save_for_backward(x, W_enc, vals, idx, b_pre)
-        ctx.mark_non_differentiable(idx)
-        return vals, idx
+        return _save_encoded(ctx, x, W_enc, vals, idx, b_pre)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_vals, _grad_idx):
-        x, W_enc, vals, idx, b_pre = ctx.saved_tensors
-        E, m, d = W_enc.shape
-        W = W_enc.reshape(E * m, d)
-        with section("encoder backward"):
-            g = grad_vals * (vals > 0)
-            gx, gW, gb, gp = _encoder_backward(ctx.needs_input_grad[:4], x, W, idx, g, b_pre)
-        return gx, None if gW is None else gW.view(E, m, d), gb, gp, None, None
+        return (*_encoded_backward(ctx, grad_vals), None, None)
 
 
 class SparseDecode(torch.autograd.Function):

@@ -293,12 +293,18 @@ def test_flops_per_token():
     assert sw.flops_per_token() < sc.flops_per_token() < dense.flops_per_token()
 
 
+def prepared(kind, scale):
+    """A randomized SAE with a non-trivial scaling factor (and a BatchTopK threshold), in eval mode."""
+    sae = randomize(make(kind))
+    sae.config["norm_scaling_factor"] = scale
+    if kind == "batchtopk":
+        sae.train(), sae(data(32))
+    return sae.eval()
+
+
 @pytest.mark.parametrize("kind", saes.KINDS)
 def test_save_load_round_trip(kind, tmp_path):
-    sae = randomize(make(kind))
-    sae.config["norm_scaling_factor"] = 0.37
-    if kind == "batchtopk":
-        sae.train(), sae(data(32)), sae.eval()
+    sae = prepared(kind, 0.37)
     x = data()
     sae.save(tmp_path / "sae")
     assert json.loads((tmp_path / "sae" / "config.json").read_text())["kind"] == kind
@@ -311,11 +317,7 @@ def test_save_load_round_trip(kind, tmp_path):
 def test_saelens_export_and_reload(kind, tmp_path):
     from safetensors.torch import load_file
 
-    sae = randomize(make(kind))
-    sae.config["norm_scaling_factor"] = 2.5
-    if kind == "batchtopk":
-        sae.train(), sae(data(32)), sae.eval()
-    sae.eval()
+    sae = prepared(kind, 2.5)
     x = data()
     want = sae(x).x_hat
     path = sae.save_saelens(tmp_path / "lens")
