@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data
-from .utils import (atomic_path, cache_dir, check_choice, check_positive_int, config_hash, progress,
+from .utils import (tune_malloc, atomic_path, cache_dir, check_choice, check_positive_int, config_hash, progress,
                     resolve_device, set_seed)
 
 LM_VERSION = 1  # bump when training changes: invalidates cached models
@@ -140,6 +140,8 @@ def _train(tokenized, tokenizer, config, dev):
     gcfg = GPT2Config(vocab_size=len(tokenizer), n_positions=c["n_ctx"], n_embd=c["n_embd"], n_layer=c["n_layer"],
                       n_head=c["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                       bos_token_id=bos, eos_token_id=tokenizer.eos_token_id)
+    if dev.type == "cpu":
+        tune_malloc()                  # ~12% faster steps here: no page faults for reused activations
     model = GPT2LMHeadModel(gcfg).to(dev).train()
     model.loss_type = "ForCausalLM"
     decay = [p for p in model.parameters() if p.dim() >= 2]
