@@ -295,9 +295,10 @@ class _RssPeak:
 @contextlib.contextmanager
 def _glibc_mmap_threshold(nbytes):
     """Pin glibc's mmap threshold so freed big tensors leave the RSS (no-op elsewhere)."""
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
     try:
         libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_MAX, 65536)             # glibc's default: big blocks mmapped again
         libc.mallopt(M_MMAP_THRESHOLD, int(nbytes))
         libc.mallopt(M_TRIM_THRESHOLD, int(nbytes))
         libc.malloc_trim(0)
@@ -309,6 +310,7 @@ def _glibc_mmap_threshold(nbytes):
         if libc is not None:   # back to what utils.tune_malloc sets (the timed steps' allocator)
             libc.mallopt(M_MMAP_THRESHOLD, utils.MALLOC_MMAP_THRESHOLD)
             libc.mallopt(M_TRIM_THRESHOLD, utils.MALLOC_TRIM_THRESHOLD)
+            libc.mallopt(M_MMAP_MAX, utils.MALLOC_MMAP_MAX)
 
 
 def _peak_memory(step, x, device):

@@ -2,15 +2,19 @@
 
 Public functions (stable signatures; ``saelib.saes`` calls only these):
 
-* ``topk_encode(x, W_enc, b_enc, k) -> (values, indices)``
-  values = ReLU(TopK_k(x @ W_enc.T + b_enc)), both ``[B, k]``; ``indices`` long.
-* ``expert_topk_encode(x, W_enc, expert_idx, k, b_enc=None) -> (values, indices)``
+* ``topk_encode(x, W_enc, b_enc, k, b_pre=None) -> (values, indices)``
+  values = ReLU(TopK_k((x - b_pre) @ W_enc.T + b_enc)), both ``[B, k]``;
+  ``indices`` long.
+* ``expert_topk_encode(x, W_enc, expert_idx, k, b_enc=None, b_pre=None)``
   ``W_enc`` is ``[E, m, d]``; ``expert_idx`` ``[B, n_active]`` names the
   experts each row visits; the TopK is taken **globally** over the
   ``n_active * m`` pre-activations of the selected experts; ``indices`` are
   global latent ids ``e * m + j``; values are ReLU'd.
 * ``sparse_decode(values, indices, W_dec) -> [B, d]``
   sum_j values[b, j] * W_dec[indices[b, j]], ``W_dec`` is ``[n_latents, d]``.
+* ``feature_scale_mean(W, omega)``: the Scale SAE's feature-scaled encoders.
+* ``timed_sections()`` / ``section(name)``: wall time per named part of a step
+  (``saelib.bench`` prints it; a flag test when off).
 
 The ``*_reference`` functions are the obviously-correct dense versions that
 the tests compare the fast paths to.
@@ -19,12 +23,13 @@ How the fast paths save time (the idea of EleutherAI sparsify's
 ``fused_encoder.py``, carried to the decoder and to expert routing):
 
 * **Encoder** (one autograd Function): the forward is the dense matmul
-  ``x @ W_enc.T + b_enc`` and a TopK; only ``values`` and ``indices`` are kept.
-  The gradient of the pre-activations has ``k`` non-zeros per row, so the
-  backward never forms a ``[B, n_latents]`` tensor:
-  ``grad_x = sum_j g_j W_enc[idx_j]`` (``embedding_bag``),
-  ``grad_W_enc[i] = sum_{(b,j): idx_bj = i} g_bj x_b`` (a sparse-matrix
-  product ``G.T @ x``, see ``_scatter_rows``), ``grad_b_enc`` (``index_add``).
+  ``x @ W_enc.T + (b_enc - W_enc b_pre)`` and a TopK; only ``values`` and
+  ``indices`` are kept. The gradient of the pre-activations has ``k`` non-zeros
+  per row, so the backward never forms a ``[B, n_latents]`` tensor:
+  ``grad_W_enc[i] = sum_{(b,j): idx_bj = i} g_bj (x_b - b_pre)`` (a
+  sparse-matrix product ``G.T @ x``, see ``_scatter_rows``, then a rank-one
+  update for ``b_pre``), ``grad_b_enc`` (``index_add``), ``grad_b_pre =
+  -W_enc^T grad_b_enc`` and, when ``x`` needs one, ``grad_x`` (``embedding_bag``).
   The two dense matmuls of the backward (2 * 2*B*d*n FLOPs) become
   O(B*k*d) work. On CPU the forward also runs ``CHUNK_ROWS`` rows at a time
   through one reused scratch buffer (no page faults on a fresh [B, n] matrix
@@ -36,22 +41,27 @@ How the fast paths save time (the idea of EleutherAI sparsify's
   touched rows, again without a dense ``[B, n_latents]`` matrix. The
   latent-sorted sparsity structure is built once per step and shared by the
   decoder and encoder backward (``_transpose_structure``).
-* **Experts** (Switch / Scale SAE): (row, slot) pairs are sorted by expert,
-  each expert's encoder runs only on its own rows (1/E of the dense encoder
-  work for one active expert), a per-expert TopK_min(k, m) is taken, and with
-  ``n_active > 1`` a global TopK over the union of the per-expert candidates
-  gives exactly the global TopK over all selected pre-activations (every
-  member of the global top k is in its own expert's top k).  The backward is
-  the sparse encoder backward above on the flat ``[E*m, d]`` weight, so it
-  works unchanged when ``W_enc`` is a differentiable function of parameters
-  (Scale SAE feature scaling). One host sync per call (the experts' row
-  counts); no Python loop except the one over experts.
+* **Experts** (Switch / Scale SAE): ``SAE`` hands the rows over sorted by their
+  first expert, so for ``n_active = 1`` the rows are already grouped and each
+  expert's encoder runs on one contiguous block (1/E of the dense encoder work);
+  with ``n_active > 1`` the (row, slot) pairs are sorted by expert, each
+  expert's encoder runs on its pairs, the results are gathered back to rows and
+  one global TopK over the ``n_active * m`` candidates is taken. Rows grouped
+  by expert also keep the decode and the sparse backward inside one expert's
+  decoder rows at a time (cache-resident), ~2-3x faster than random rows. The
+  backward is the sparse encoder backward above on the flat ``[E*m, d]``
+  weight, so it works unchanged when ``W_enc`` is a differentiable function of
+  parameters (Scale SAE feature scaling). One host sync per call (the experts'
+  row counts); no Python loop except the one over experts.
 
-Where the time goes (``python -m saelib.bench``; d=256, n=4096, k=32,
-B=8192, one thread): the dense TopK encoder's forward is ~150 ms (matmul
-~90, TopK ~45); the O(B*k*d) sparse work of decoder and backward, ~45 ms,
-is the same for every TopK-style SAE and is memory-bound gathers, so it,
-not the FLOP count, bounds what expert routing can save.
+Where the time goes: ``python -m saelib.bench`` prints it per section (router,
+dispatch, encoder matmul, select, decode, decoder backward, encoder backward,
+optimizer, other). At d=256, n=4096, k=32, B=8192 on one thread, the dense
+TopK step is dominated by its encoder matmul and its TopK selection; the
+decode, the sparse backward passes and the optimizer cost every TopK-style SAE
+of that width the same (the experts' sorted rows make them somewhat cheaper),
+and they, with ``torch.topk`` on short per-expert rows, bound what routing
+saves in wall-clock time.
 """
 from __future__ import annotations
 
@@ -96,6 +106,21 @@ def expert_topk_encode_reference(x, W_enc, expert_idx, k, b_enc=None, b_pre=None
     slot, j = local // m, local % m
     idx = expert_idx.gather(1, slot) * m + j
     return F.relu(vals), idx
+
+
+def batch_topk_encode_reference(x, W_enc, b_enc, k, b_pre=None, threshold=None):
+    """Dense BatchTopK: ``(z [B, n], cut)``; z keeps the ReLU'd entries ``>= cut`` (the
+    (k*B)-th largest; all positives if fewer) or ``> threshold``."""
+    if b_pre is not None:
+        x = x - b_pre
+    pre = F.relu(x @ W_enc.T + (0 if b_enc is None else b_enc))
+    if threshold is not None:
+        return pre * (pre > threshold), None
+    flat = pre.flatten()
+    kb = k * x.shape[0]
+    cut = float(flat.detach().topk(kb).values.min()) if kb <= flat.numel() else 0.0
+    keep = (pre >= cut) & (pre > 0) if cut > 0 else pre > 0
+    return pre * keep, cut
 
 
 def sparse_decode_reference(values, indices, W_dec):
@@ -308,28 +333,22 @@ def _topk(pre, k):
     return pre.topk(k, dim=-1, sorted=False)
 
 
-def _dense_topk(x, W, b, k):
-    """TopK_k(x @ W.T + b) without keeping (or page-faulting) a [B, n] matrix on CPU: rows
-    are done CHUNK_ROWS at a time into a reused scratch buffer, so the group maxima of
-    ``_group_topk`` read it from cache. On CUDA: one matmul and torch.topk."""
+def _for_dense_chunks(x, W, b, fn):
+    """Call ``fn(start, pre)`` for consecutive row blocks of ``pre = x @ W.T + b``.
+
+    On CPU the blocks are ``CHUNK_ROWS`` rows (at most ``CHUNK_ELEMENTS`` entries) computed
+    into one reused scratch buffer: no [B, n] matrix is kept or page-faulted in, and the
+    selection that follows reads the block from cache. ``pre`` is only valid inside ``fn``.
+    On CUDA: one block, one matmul."""
     if x.device.type != "cpu":
         with section("encoder matmul"):
             pre = F.linear(x, W, b)
-        with section("select"):
-            return pre.topk(k, dim=-1, sorted=False)
+        fn(0, pre)
+        return
     B, n = x.shape[0], W.shape[0]
-    vals = x.new_empty(B, k)
-    idx = torch.empty(B, k, dtype=torch.long)
     rows = max(1, min(B, CHUNK_ROWS, CHUNK_ELEMENTS // n))
     rows = -(-B // -(-B // rows))                             # equal chunks
-    own = _workspace_lock.acquire(blocking=False)
-    try:
-        key = x.dtype
-        buf = _workspace.get(key) if own else None
-        if buf is None or buf.numel() < rows * n:
-            buf = x.new_empty(rows * n)
-            if own:
-                _workspace[key] = buf
+    with _scratch(("dense", x.dtype), rows * n, x) as buf:
         Wt = W.T
         for s in range(0, B, rows):
             xs = x[s:s + rows]
@@ -339,14 +358,70 @@ def _dense_topk(x, W, b, k):
                     torch.mm(xs, Wt, out=pre)
                 else:
                     torch.addmm(b, xs, Wt, out=pre)
-            with section("select"):
-                v, i = _topk(pre, k)
-                vals[s:s + rows] = v
-                idx[s:s + rows] = i
-    finally:
-        if own:
-            _workspace_lock.release()
+            fn(s, pre)
+
+
+def _dense_topk(x, W, b, k):
+    """TopK_k(x @ W.T + b), block by block (``_for_dense_chunks``); on CPU with the
+    group-maxima prefilter of ``_topk``."""
+    vals = x.new_empty(x.shape[0], k)
+    idx = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
+
+    def select(s, pre):
+        with section("select"):
+            v, i = _topk(pre, k)
+            vals[s:s + len(pre)] = v
+            idx[s:s + len(pre)] = i
+
+    _for_dense_chunks(x, W, b, select)
     return vals, idx
+
+
+def _entries_above(x, W, b, lo, strict):
+    """``(rows, cols, values)`` of the entries of ``x @ W.T + b`` that are ``> lo``
+    (``strict``) or ``>= lo``, in row-major order, computed block by block."""
+    parts = []
+
+    def collect(s, pre):
+        with section("select"):
+            mask = pre > lo if strict else pre >= lo
+            nz = mask.nonzero()
+            parts.append((nz[:, 0] + s, nz[:, 1], pre[mask]))
+
+    _for_dense_chunks(x, W, b, collect)
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _batch_select(x, W, b, k, threshold, guess):
+    """BatchTopK's selection (Bussmann et al. 2024): ``(vals, idx, cut)``, ``vals``/``idx``
+    [B, w] padded with zeros (w = the most any row keeps). Training (``threshold`` None):
+    the ``k * B`` largest ReLU'd pre-activations of the whole batch, i.e. every entry
+    ``>= cut`` (the kB-th largest; ties at the cut are all kept), or every positive entry
+    when there are fewer than ``k * B``. Inference: entries ``> threshold``. One matmul,
+    done block by block; only the surviving entries are kept. ``guess`` (the previous
+    batch's cut) is a filter: the kB-th largest is searched among entries ``>= 0.8 guess``
+    when there are enough of them, else among all positive entries (exact either way)."""
+    B, kb = x.shape[0], k * x.shape[0]
+    if threshold is not None:
+        r, c, v = _entries_above(x, W, b, float(threshold), strict=True)
+        cut = None
+    else:
+        r, c, v = _entries_above(x, W, b, 0.8 * guess, strict=False) if guess else ((),) * 3
+        if len(v) < kb:
+            r, c, v = _entries_above(x, W, b, 0.0, strict=True)
+        cut = 0.0
+        if len(v) >= kb:
+            with section("select"):
+                cut = float(v.kthvalue(len(v) - kb + 1).values)   # > 0: v holds positives only
+                keep = v >= cut
+                r, c, v = r[keep], c[keep], v[keep]
+    with section("select"):
+        counts = torch.bincount(r, minlength=B)
+        width = max(1, int(counts.max())) if B else 1
+        pos = torch.arange(len(r), device=r.device) - (counts.cumsum(0) - counts)[r]
+        vals = v.new_zeros(B, width).index_put_((r, pos), v)
+        idx = torch.zeros(B, width, dtype=torch.long, device=x.device).index_put_((r, pos), c)
+    return vals, idx, cut
 
 
 @contextlib.contextmanager
@@ -414,6 +489,25 @@ class TopKEncode(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_vals, _grad_idx):
         return (*_encoded_backward(ctx, grad_vals), None)
+
+
+class BatchTopKEncode(torch.autograd.Function):
+    """BatchTopK's code as ``(values, indices)`` [B, w] (zero-padded) and the cut; sparse
+    backward (the padding has value 0, so the ReLU mask stops its gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_pre, k, threshold, guess):
+        with section("encoder matmul"):
+            bias = _fold_b_pre(W_enc, b_enc, b_pre)
+        vals, idx, cut = _batch_select(x, W_enc, bias, k, threshold, guess)
+        cut = torch.tensor(float("nan") if cut is None else cut)
+        ctx.mark_non_differentiable(cut)
+        return (*_save_encoded(ctx, x, W_enc, vals, idx, b_pre), cut)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_vals, _grad_idx, _grad_cut):
+        return (*_encoded_backward(ctx, grad_vals), None, None, None)
 
 
 class ExpertTopKEncode(torch.autograd.Function):
@@ -539,6 +633,18 @@ def topk_encode(x, W_enc, b_enc, k, b_pre=None):
     ``b_enc`` and ``b_pre`` may be None."""
     _check_k(k, W_enc.shape[0], "n_latents")
     return TopKEncode.apply(x, W_enc, b_enc, b_pre, k)
+
+
+def batch_topk_encode(x, W_enc, b_enc, k, b_pre=None, threshold=None, guess=None):
+    """BatchTopK (Bussmann et al. 2024) on ``pre = (x - b_pre) W_enc^T + b_enc``: returns
+    ``(values, indices, cut)``. Training (``threshold=None``): the ``k * B`` largest
+    ReLU'd entries of the batch (all entries ``>= cut``, the kB-th largest; every positive
+    entry and ``cut = 0.0`` when there are fewer); inference: entries ``> threshold``
+    (``cut`` None). ``values``/``indices`` are [B, w], w the most entries any row keeps,
+    zero-padded. ``guess`` (e.g. the previous cut) only speeds the search up."""
+    _check_k(k, W_enc.shape[0], "n_latents")
+    vals, idx, cut = BatchTopKEncode.apply(x, W_enc, b_enc, b_pre, k, threshold, guess)
+    return vals, idx, None if threshold is not None else float(cut.detach())
 
 
 def expert_topk_encode(x, W_enc, expert_idx, k, b_enc=None, b_pre=None):

@@ -284,7 +284,7 @@ class SAE(nn.Module):
         return SAEOutput(z @ self.W_dec, _l0(z), latents=z, loss_terms={"l1_acts": z})
 
     def _fwd_gated(self, xs):
-        pre = (xs - self.b_pre) @ self.W_enc.T          # W_mag = exp(r_mag) * W_gate shares this product
+        pre = torch.addmm(self._enc_bias(self.W_enc), xs, self.W_enc.T)   # (x s - b_pre) W^T; W_mag = exp(r_mag) W_gate shares it
         pi_gate = pre + self.b_gate
         gate = pi_gate > 0
         z = torch.where(gate, torch.addcmul(self.b_mag, pre, self.r_mag.exp()).relu_(), 0.0)
@@ -295,38 +295,17 @@ class SAE(nn.Module):
         return SAEOutput(kernels.sparse_decode(v, i, self.W_dec), _l0(v), values=v, indices=i)
 
     def _fwd_batchtopk(self, xs):
-        # which activations survive is decided without gradient on the dense pre-activations;
-        # the differentiable code then comes from the TopK kernel (sparse backward) with the
-        # widest row's count, the entries below the cut set to 0
-        with torch.no_grad():
-            pre = torch.addmm(self._enc_bias(self.W_enc, self.b_enc), xs, self.W_enc.T).relu_()
-            lo, strict = self.threshold, True              # inference: keep pre > theta
-            if self.training:   # the k*B largest activations of the whole batch
-                cut = float(self._batch_kth(pre, self.k * pre.shape[0]))
-                lo, strict = (cut, False) if cut > 0 else (0.0, True)   # cut = 0: < kB positives
-                if cut > 0:     # cut = the smallest activation kept in this batch
-                    self.threshold_sum += cut
-                    self.threshold_count += 1
-            width = max(1, int(torch.count_nonzero((pre > lo) if strict else (pre >= lo), dim=-1).max()))
-            del pre
-        v, i = kernels.topk_encode(xs, self.W_enc, self.b_enc, width, b_pre=self.b_pre)
-        v = v * ((v > lo) if strict else (v >= lo))
+        # training: the k*B largest activations of the whole batch; inference: pre > theta.
+        # One dense matmul (block by block), then only the surviving entries are kept; the
+        # code comes back as [B, w] values/indices (w = the widest row, zero-padded)
+        theta = None if self.training else self.threshold
+        v, i, cut = kernels.batch_topk_encode(xs, self.W_enc, self.b_enc, self.k, b_pre=self.b_pre,
+                                              threshold=theta, guess=getattr(self, "_kth_guess", None))
+        if self.training and cut > 0:   # cut = the smallest activation kept in this batch
+            self.threshold_sum += cut
+            self.threshold_count += 1
+            self._kth_guess = cut
         return SAEOutput(kernels.sparse_decode(v, i, self.W_dec), _l0(v), values=v, indices=i)
-
-    def _batch_kth(self, pre, kb):
-        """The kb-th largest entry of ``pre`` (exact). ``kthvalue`` on the entries above
-        80% of the previous batch's value when there are enough of them (a cheap filter),
-        else on all entries."""
-        flat = pre.flatten()
-        if kb >= flat.numel():
-            return flat.min()
-        guess = getattr(self, "_kth_guess", None)
-        cand = flat[flat >= 0.8 * guess] if guess else flat
-        if cand.numel() < kb:
-            cand = flat
-        t = cand.kthvalue(cand.numel() - kb + 1).values
-        self._kth_guess = float(t)
-        return t
 
     def _route(self, xs):
         with kernels.section("router"):

@@ -80,6 +80,7 @@ def resolve_device(device: str | None = "auto"):
 MALLOC_MMAP_THRESHOLD = 32 * 2**20    # glibc's maximum: smaller blocks come from the heap
 MALLOC_TRIM_THRESHOLD = 2**30         # keep up to 1 GiB of freed memory at the top of the heap
 MALLOC_TOP_PAD = 64 * 2**20           # grow the heap in 64 MiB steps
+MALLOC_MMAP_MAX = 0                   # no mmap for big blocks either: the heap serves and keeps them
 _malloc_tuned = False
 
 
@@ -91,10 +92,13 @@ def tune_malloc() -> bool:
     more) is returned to the kernel and faulted back in, page by page, on the next
     step: on this project's 2-core VM a fresh 8 MiB tensor costs up to ~18 ms of page
     faults against 0.3 ms for a reused one. This sets ``M_MMAP_THRESHOLD`` (32 MiB),
-    ``M_TRIM_THRESHOLD`` (1 GiB) and ``M_TOP_PAD`` (64 MiB) with ``mallopt``, like the
-    ``MALLOC_*_`` environment variables would. The cost: the process keeps up to 1 GiB
-    of freed heap mapped. Numerics are unchanged. Called by ``train.fit`` and
-    ``saelib.bench``; a no-op (False) where glibc is not the allocator."""
+    ``M_MMAP_MAX`` (0: blocks above the threshold, e.g. a dense SAE's [B, n_latents]
+    activations, come from the heap too), ``M_TRIM_THRESHOLD`` (1 GiB) and
+    ``M_TOP_PAD`` (64 MiB) with ``mallopt``, like the ``MALLOC_*_`` environment
+    variables would. The cost: the process keeps up to 1 GiB of freed heap mapped (glibc
+    still falls back to mmap if the heap cannot grow). Numerics are unchanged. Called by
+    ``train.fit``, ``lm.train_lm`` and ``saelib.bench``; a no-op (False) where glibc is not
+    the allocator."""
     global _malloc_tuned
     if _malloc_tuned:
         return True
@@ -105,10 +109,10 @@ def tune_malloc() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
         ok = all(libc.mallopt(opt, val) == 1 for opt, val in (
             (M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD), (M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD),
-            (M_TOP_PAD, MALLOC_TOP_PAD)))
+            (M_TOP_PAD, MALLOC_TOP_PAD), (M_MMAP_MAX, MALLOC_MMAP_MAX)))
     except (OSError, AttributeError):
         return False
     _malloc_tuned = ok

@@ -363,3 +363,37 @@ def test_feature_scale_mean_matches_the_formula():
     G = torch.randn(3, 5, 4, dtype=F64)
     assert_close(torch.autograd.grad(K.feature_scale_mean(W, omega), [W, omega], G),
                  torch.autograd.grad(plain, [W, omega], G))
+
+
+@pytest.mark.parametrize("mode", ["train", "train_guess_high", "train_guess_low", "few_positive", "inference"])
+def test_batch_topk_encode_matches_reference(mode, monkeypatch):
+    """Values, the cut and every gradient equal the dense BatchTopK, also when the rows are
+    done in several blocks, when the guess filter is too tight (falls back to all
+    positives) and when the batch has fewer than k*B positive entries."""
+    monkeypatch.setattr(K, "CHUNK_ROWS", 7)
+    B, d, n, k = 23, 6, 40, 3
+    x, b_pre = _leaf(B, d, seed=50), _leaf(d, seed=51)
+    W_enc, W_dec = _leaf(n, d, seed=52), _leaf(n, d, seed=53)
+    b_enc = _leaf(n, seed=54, scale=0.1)
+    if mode == "few_positive":
+        with torch.no_grad():
+            b_enc -= 7.0
+    threshold = 0.7 if mode == "inference" else None
+    z_ref, cut_ref = K.batch_topk_encode_reference(x, W_enc, b_enc, k, b_pre=b_pre, threshold=threshold)
+    guess = {"train_guess_high": 10 * (cut_ref or 1), "train_guess_low": 0.5 * (cut_ref or 1)}.get(mode)
+    vals, idx, cut = K.batch_topk_encode(x, W_enc, b_enc, k, b_pre=b_pre, threshold=threshold, guess=guess)
+    z = torch.zeros(B, n, dtype=F64).scatter_add(1, idx, vals)
+    assert_close(z, z_ref)
+    if mode == "inference":
+        assert cut is None
+    else:
+        assert cut == pytest.approx(cut_ref)
+        assert (cut == 0) == (mode == "few_positive")
+        assert int((z > 0).sum()) >= (k * B if mode != "few_positive" else 0)
+    assert vals.shape[1] == int((z_ref > 0).sum(1).max())      # width = the widest row
+    leaves = [x, b_pre, W_enc, b_enc, W_dec]
+    w = torch.randn(B, d, dtype=F64, generator=torch.Generator().manual_seed(55))
+    g_fast = torch.autograd.grad(((K.sparse_decode(vals, idx, W_dec) * w).sum() + vals.sum()), leaves)
+    g_ref = torch.autograd.grad(((z_ref @ W_dec) * w).sum() + z_ref.sum(), leaves)
+    for a, b in zip(g_fast, g_ref):
+        assert_close(a, b)

@@ -266,7 +266,9 @@ def test_gated_loss_parts():
     pre = (x - sae.b_pre) @ sae.W_enc.T
     gate = F.relu(pre + sae.b_gate)
     z = (pre + sae.b_gate > 0) * F.relu(pre * sae.r_mag.exp() + sae.b_mag)
-    assert torch.allclose(out.latents, z)
+    clear = (pre + sae.b_gate).abs() > 1e-5          # rounding may flip a gate sitting on its edge
+    assert clear.float().mean() > 0.99
+    assert torch.allclose(out.latents[clear], z[clear], atol=1e-6)
     _, parts = sae.loss(x, out)
     assert parts["l1"] == pytest.approx(0.5 * gate.sum(-1).mean().item(), rel=1e-4)
     aux = (x - gate @ sae.W_dec - sae.b_pre).pow(2).sum(-1).mean()
