@@ -43,6 +43,12 @@ keep the cores busy (the printed load average exceeds the CPU count), multi-thre
 wall times inflate several-fold and unevenly (every parallel region waits for a
 descheduled sibling thread); ``--threads 1`` then gives steady ratios.
 
+Where the time goes: every step of a saelib row runs inside
+``kernels.timed_sections()``, so the same steps also give the time spent in each
+named section (router, dispatch, encoder matmul, select, decode, decoder backward,
+encoder backward, optimizer; ``other`` = the rest). :func:`breakdown` tabulates it
+and the bound it implies for the expert rows.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during one step minus the
 allocated memory before it. On CPU there is no allocator counter, so one extra step
 per row runs with glibc's mmap threshold pinned to 128 KiB (every tensor of 128 KiB or

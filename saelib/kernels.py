@@ -12,6 +12,9 @@ Public functions (stable signatures; ``saelib.saes`` calls only these):
   global latent ids ``e * m + j``; values are ReLU'd.
 * ``sparse_decode(values, indices, W_dec) -> [B, d]``
   sum_j values[b, j] * W_dec[indices[b, j]], ``W_dec`` is ``[n_latents, d]``.
+* ``batch_topk_encode(x, W_enc, b_enc, k, b_pre=None, threshold=None, guess=None)``
+  ``-> (values, indices, cut)``: BatchTopK's batch-wide selection (training) or
+  its threshold (inference), zero-padded to the widest row.
 * ``feature_scale_mean(W, omega)``: the Scale SAE's feature-scaled encoders.
 * ``timed_sections()`` / ``section(name)``: wall time per named part of a step
   (``saelib.bench`` prints it; a flag test when off).
@@ -41,6 +44,11 @@ How the fast paths save time (the idea of EleutherAI sparsify's
   touched rows, again without a dense ``[B, n_latents]`` matrix. The
   latent-sorted sparsity structure is built once per step and shared by the
   decoder and encoder backward (``_transpose_structure``).
+* **BatchTopK**: the same blockwise matmul; each block keeps only its entries
+  above a cheap lower bound of the batch's cut (80% of the previous batch's cut,
+  else 0), ``kthvalue`` on those gives the exact cut, and the survivors become a
+  zero-padded ``[B, w]`` code with the encoder's sparse backward. No [B, n]
+  matrix, one matmul (the plain way computes the pre-activations twice).
 * **Experts** (Switch / Scale SAE): ``SAE`` hands the rows over sorted by their
   first expert, so for ``n_active = 1`` the rows are already grouped and each
   expert's encoder runs on one contiguous block (1/E of the dense encoder work);
