@@ -50,8 +50,10 @@ encoder backward, optimizer; ``other`` = the rest). :func:`breakdown` tabulates 
 and the bound it implies for the expert rows.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during one step minus the
-allocated memory before it. On CPU there is no allocator counter, so one extra step
-per row runs with glibc's mmap threshold pinned to 128 KiB (every tensor of 128 KiB or
+allocated memory before it. On CPU there is no allocator counter, so each row is
+built again in a fresh Python process (the timing process keeps freed blocks in its
+heap, see ``utils.tune_malloc``, which would hide new tensors from the RSS), warmed up,
+and one more step runs with glibc's mmap threshold pinned to 128 KiB (every tensor of 128 KiB or
 more gets its own mapping, returned to the OS when freed) while a thread samples the
 process RSS every 0.5 ms; the figure is the peak RSS minus the RSS before the step:
 the step's transient memory (activations, gradients, temporaries), not the resting
@@ -336,6 +338,35 @@ def _peak_memory(step, x, device):
     return rss.delta
 
 
+def _memory_probe(row, shape, seed, fused_adam, threads):
+    """Peak transient memory (bytes) of one CPU step of ``row``, measured in this process
+    with glibc's default allocator settings (run by :func:`_peak_memory_isolated`)."""
+    torch.set_num_threads(threads)
+    step, _ = build_row(row, shape, seed=seed, device=torch.device("cpu"), fused_adam=fused_adam)
+    x = torch.randn(shape["batch"], shape["d"], generator=torch.Generator().manual_seed(seed))
+    step(x)
+    return _peak_memory(step, x, torch.device("cpu"))
+
+
+def _peak_memory_isolated(row, shape, seed, fused_adam):
+    """:func:`_memory_probe` in a fresh Python process. The timed steps run under
+    ``utils.tune_malloc`` (freed blocks stay in the heap), so in the timing process a
+    step's new tensors come from memory that is already resident and the RSS does not
+    show them; a fresh process with glibc's defaults does."""
+    import json
+    import subprocess
+    import sys
+
+    args = json.dumps([row, shape, seed, fused_adam, torch.get_num_threads()])
+    code = ("import json, sys; from saelib import bench; "
+            "print(json.dumps(bench._memory_probe(*json.loads(sys.argv[1]))))")
+    env = {**os.environ, "SAELIB_QUIET": "1"}
+    res = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"peak-memory probe of row {row!r} failed:\n{res.stderr[-2000:]}")
+    return float(res.stdout.strip().splitlines()[-1])
+
+
 def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device="auto",
         d=None, n_latents=None, k=None, batch=None, memory=True, fused_adam=True,
         progress=True) -> pd.DataFrame:
@@ -407,7 +438,11 @@ def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device
         out.append(row)
     df = pd.DataFrame(out)
     if memory:
-        df["peak_mem_mb"] = [_peak_memory(built[r][0], xs[0], dev) / 2**20 for r in rows]
+        if dev.type == "cuda":
+            df["peak_mem_mb"] = [_peak_memory(built[r][0], xs[0], dev) / 2**20 for r in rows]
+        else:   # a fresh process per row: this one's heap holds every earlier row's freed blocks
+            df["peak_mem_mb"] = [_peak_memory_isolated(r, shp, seed, fused_adam) / 2**20
+                                 for r in bar(rows, desc="peak memory", disable=not progress)]
     for ref in ("naive", "topk"):
         if ref in rows:
             t_ref, f_ref = df.set_index("row").loc[ref, ["s_per_step", "flops_per_token"]]

@@ -397,3 +397,14 @@ def test_batch_topk_encode_matches_reference(mode, monkeypatch):
     g_ref = torch.autograd.grad(((z_ref @ W_dec) * w).sum() + z_ref.sum(), leaves)
     for a, b in zip(g_fast, g_ref):
         assert_close(a, b)
+
+
+def test_bench_peak_memory_sees_the_dense_code():
+    """The CPU peak-memory probe runs in a fresh process, so the naive row's dense
+    [batch, n_latents] code (1 MiB at the quick shape) shows up whatever this process's
+    allocator holds."""
+    from saelib import bench, utils
+
+    utils.tune_malloc()
+    df = bench.run("quick", rows=["naive"], steps=1, rounds=1, warmup=1, progress=False)
+    assert df["peak_mem_mb"].iloc[0] >= 1.0
