@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from . import data
-from .utils import (tune_malloc, atomic_path, cache_dir, check_choice, check_positive_int, config_hash, progress,
-                    resolve_device, set_seed)
+from .utils import (atomic_path, cache_dir, check_choice, check_positive_int, config_hash, progress,
+                    resolve_device, set_seed, tune_malloc)
 
 LM_VERSION = 1  # bump when training changes: invalidates cached models
 
