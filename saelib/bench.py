@@ -550,7 +550,7 @@ def main(argv=None):
             print(bd.to_string(float_format="{:.1f}".format))
         tg = check_targets(df)
         if len(tg):
-            print("\ntargets (speedup = t_vs / t_row):")
+            print("\ntargets (speedup = t_vs / t_row; set for the small shape" + ("" if shape == "small" else ", not this one") + "):")
             print(tg.to_string(index=False, float_format="{:.2f}".format))
         if a.csv:
             df.to_csv(f"{a.csv.removesuffix('.csv')}_{shape}.csv", index=False)
