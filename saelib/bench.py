@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import io
 import math
@@ -300,27 +299,6 @@ class _RssPeak:
         return self.peak - self.start
 
 
-@contextlib.contextmanager
-def _glibc_mmap_threshold(nbytes):
-    """Pin glibc's mmap threshold so freed big tensors leave the RSS (no-op elsewhere)."""
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_MAX, 65536)             # glibc's default: big blocks mmapped again
-        libc.mallopt(M_MMAP_THRESHOLD, int(nbytes))
-        libc.mallopt(M_TRIM_THRESHOLD, int(nbytes))
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        libc = None
-    try:
-        yield
-    finally:
-        if libc is not None:   # back to what utils.tune_malloc sets (the timed steps' allocator)
-            libc.mallopt(M_MMAP_THRESHOLD, utils.MALLOC_MMAP_THRESHOLD)
-            libc.mallopt(M_TRIM_THRESHOLD, utils.MALLOC_TRIM_THRESHOLD)
-            libc.mallopt(M_MMAP_MAX, utils.MALLOC_MMAP_MAX)
-
-
 def _peak_memory(step, x, device):
     gc.collect()
     if device.type == "cuda":
@@ -330,11 +308,13 @@ def _peak_memory(step, x, device):
         step(x)
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with _glibc_mmap_threshold(128 * 2**10):
-        step(x)                                   # settle the allocator under the new threshold
-        gc.collect()
-        with _RssPeak() as rss:
-            step(x)
+    # glibc's defaults, but every block of 128 KiB or more mmapped and unmapped when freed, so
+    # the step's tensors enter and leave the RSS (run in a fresh process: _memory_probe)
+    utils.mallopt(mmap_threshold=128 * 2**10, trim_threshold=128 * 2**10, trim=True)
+    step(x)                                       # settle the allocator under the new threshold
+    gc.collect()
+    with _RssPeak() as rss:
+        step(x)
     return rss.delta
 
 

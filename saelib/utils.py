@@ -100,8 +100,19 @@ def tune_malloc() -> bool:
     ``train.fit``, ``lm.train_lm`` and ``saelib.bench``; a no-op (False) where glibc is not
     the allocator."""
     global _malloc_tuned
-    if _malloc_tuned:
-        return True
+    if not _malloc_tuned:
+        _malloc_tuned = mallopt(mmap_threshold=MALLOC_MMAP_THRESHOLD, trim_threshold=MALLOC_TRIM_THRESHOLD,
+                                top_pad=MALLOC_TOP_PAD, mmap_max=MALLOC_MMAP_MAX)
+    return _malloc_tuned
+
+
+_MALLOPT = {"trim_threshold": -1, "top_pad": -2, "mmap_threshold": -3, "mmap_max": -4}
+
+
+def mallopt(trim: bool = False, **settings: int) -> bool:
+    """glibc's ``mallopt`` for the named settings (``trim_threshold``, ``top_pad``,
+    ``mmap_threshold``, ``mmap_max``), then ``malloc_trim(0)`` if ``trim``. False where
+    glibc is not the allocator or a setting was refused."""
     import ctypes
     import platform
 
@@ -109,13 +120,11 @@ def tune_malloc() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
-        ok = all(libc.mallopt(opt, val) == 1 for opt, val in (
-            (M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD), (M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD),
-            (M_TOP_PAD, MALLOC_TOP_PAD), (M_MMAP_MAX, MALLOC_MMAP_MAX)))
+        ok = all(libc.mallopt(_MALLOPT[name], int(val)) == 1 for name, val in settings.items())
+        if trim:
+            libc.malloc_trim(0)
     except (OSError, AttributeError):
         return False
-    _malloc_tuned = ok
     return ok
 
 
