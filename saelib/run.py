@@ -11,9 +11,14 @@ with ``jupyter-book build -W -n --keep-going``.
   profile writes to ``_build/<profile>/chapters/`` and builds a staged copy of
   the book in ``_build/<profile>/``, so a quick run never touches the
   committed chapters.
+* ``-p overrides '{...}'`` is resolved with :func:`saelib.config.load_profile`
+  before anything runs, so a bad key, type or range (or malformed YAML) is an
+  error naming it, not a traceback after the corpus step.
 * A notebook is executed into a temporary file and only renamed onto its
-  destination when it succeeds; a failed run is kept under
-  ``_build/<profile>/failed/`` and the old chapter stays.
+  destination when it succeeds; a failed run is kept in ``<output-dir>/failed/``
+  with ``--output-dir`` (``_build/<profile>/failed/`` otherwise), under a name
+  with a time stamp and process id, so two failing runs keep both copies; the
+  old chapter stays.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from saelib.config import available_profiles
+from saelib.config import available_profiles, load_profile
 from saelib.utils import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -75,13 +80,28 @@ def output_dir_for(profile: str) -> Path:
     return BOOK_CHAPTERS if profile == "full" else REPO_ROOT / "_build" / profile / "chapters"
 
 
-def execute(nb: Path, out_dir: Path, parameters: dict, profile: str) -> float:
-    """Run one notebook with papermill; returns wall seconds. Atomic on success."""
+def failed_dir_for(profile: str, output_dir: Path | None = None) -> Path:
+    """Where failed notebooks go: ``<output_dir>/failed`` when an output folder was given,
+    else ``_build/<profile>/failed`` (never inside the committed ``book/``)."""
+    return Path(output_dir) / "failed" if output_dir is not None else REPO_ROOT / "_build" / profile / "failed"
+
+
+def _failed_name(failed: Path, nb: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, i = failed / f"{nb.stem}.{stamp}.{os.getpid()}{nb.suffix}", 1
+    while path.exists():
+        path, i = failed / f"{nb.stem}.{stamp}.{os.getpid()}-{i}{nb.suffix}", i + 1
+    return path
+
+
+def execute(nb: Path, out_dir: Path, parameters: dict, profile: str, failed_dir: Path | None = None) -> float:
+    """Run one notebook with papermill; returns wall seconds. Atomic on success; a failed
+    run is kept in ``failed_dir`` (default :func:`failed_dir_for` ``(profile)``) under a unique name."""
     import papermill
 
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / nb.name
-    tmp = out_dir / f".{nb.stem}.running.ipynb"
+    tmp = out_dir / f".{nb.stem}.{os.getpid()}.running.ipynb"
     t0 = time.perf_counter()
     try:
         papermill.execute_notebook(
@@ -89,11 +109,12 @@ def execute(nb: Path, out_dir: Path, parameters: dict, profile: str) -> float:
             cwd=str(nb.parent), progress_bar=False, request_save_on_cell_execute=False,
         )
     except BaseException:
-        failed = REPO_ROOT / "_build" / profile / "failed"
+        failed = failed_dir or failed_dir_for(profile)
         failed.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
-            os.replace(tmp, failed / nb.name)
-            print(f"  failed notebook kept at {(failed / nb.name).relative_to(REPO_ROOT)}", file=sys.stderr)
+            kept = _failed_name(failed, nb)
+            os.replace(tmp, kept)
+            print(f"  failed notebook kept at {kept}", file=sys.stderr)
         raise
     os.replace(tmp, final)
     return time.perf_counter() - t0
@@ -133,8 +154,20 @@ def build_book(profile: str, chapter_dir: Path | None = None) -> Path:
     return html
 
 
-def parse_value(text: str):
-    return yaml.safe_load(text)
+def parse_value(text: str, name: str = "VALUE"):
+    """A ``-p NAME VALUE`` value parsed as YAML; malformed YAML is a ValueError naming the parameter."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"-p {name} {text!r}: not valid YAML ({str(e).splitlines()[0]}); "
+                         "write a mapping like '{lm: {lr: 1.0e-3}}'") from None
+
+
+def _resolved_overrides(over, resolved):
+    """The overrides with the values :func:`load_profile` read (``'1e-3'`` -> 0.001)."""
+    if not isinstance(over, dict):
+        return over
+    return {k: _resolved_overrides(v, resolved[k]) if isinstance(v, dict) else resolved[k] for k, v in over.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,11 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         chosen = select(notebooks, args.only)
-        overrides = {name: parse_value(value) for name, value in args.parameter}
+        overrides = {name: parse_value(value, name) for name, value in args.parameter}
         if "profile" in overrides:
             raise ValueError("set the profile with --profile, not -p profile")
         parameters = {"profile": args.profile, **overrides}
         validate(chosen, parameters)
+        if "overrides" in overrides:   # keys, types and ranges, before any notebook runs
+            resolved = load_profile(args.profile, overrides["overrides"])
+            parameters["overrides"] = _resolved_overrides(overrides["overrides"], resolved)
         if out_dir.resolve() == NOTEBOOK_DIR.resolve() and args.profile == "quick" and not overrides:
             parameters = {}  # refreshing the committed quick outputs: keep the notebooks free of an injected cell
     except ValueError as e:
@@ -177,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     times = {}
     for nb in chosen:
         print(f"[{args.profile}] running {nb.name} -> {out_dir.relative_to(REPO_ROOT) if out_dir.is_relative_to(REPO_ROOT) else out_dir}", flush=True)
-        times[nb.stem] = execute(nb, out_dir, parameters, args.profile)
+        times[nb.stem] = execute(nb, out_dir, parameters, args.profile, failed_dir_for(args.profile, args.output_dir))
         print(f"[{args.profile}] {nb.stem}: {times[nb.stem]:.0f} s", flush=True)
     print("\nwall time per notebook:")
     for name, sec in times.items():

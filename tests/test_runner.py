@@ -63,7 +63,12 @@ def test_failed_notebook_keeps_previous_output(nbdir, tmp_path, monkeypatch):
     with pytest.raises(Exception):
         run.main(["--only", "00", "--output-dir", str(out), "--no-build"])
     assert (out / "00_a.ipynb").read_text() == "previous"
-    assert (tmp_path / "_build" / "quick" / "failed" / "00_a.ipynb").exists()
+    # kept under --output-dir, not under the repo's _build; a second failure keeps both copies
+    with pytest.raises(Exception):
+        run.main(["--only", "00", "--output-dir", str(out), "--no-build"])
+    kept = sorted((out / "failed").glob("00_a.*.ipynb"))
+    assert len(kept) == 2 and not (tmp_path / "_build").exists()
+    assert not list(out.glob(".*running*"))
 
 
 def test_quick_profile_never_targets_committed_chapters():
