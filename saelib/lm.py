@@ -230,6 +230,18 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 40, seed: int = 0,
     return out
 
 
+def prepare_data(cfg: dict):
+    """The data half of :func:`subject_model` for a model we train: ``(corpus, tokenizer,
+    tokenized)`` from ``cfg["data"]`` (corpus, domains, max_docs_per_domain, max_chars_per_doc,
+    holdout, vocab_size, seed) and ``cfg["lm"]["n_ctx"]``, each step cached."""
+    d, m = cfg["data"], cfg["lm"]
+    dseed = d.get("seed", cfg.get("seed", 0))
+    corpus = data.load_corpus(d.get("corpus", "minipile"), d.get("domains"), d.get("max_docs_per_domain"),
+                              d.get("max_chars_per_doc"), d.get("holdout") or (), seed=dseed)
+    tokenizer = data.train_tokenizer(corpus, d["vocab_size"], seed=dseed)
+    return corpus, tokenizer, data.tokenize(corpus, tokenizer, m["n_ctx"])
+
+
 @dataclass
 class SubjectModel:
     model: object
@@ -251,10 +263,9 @@ def subject_model(cfg: dict) -> SubjectModel:
     cfg["seed"], cfg["device"]."""
     d, m = cfg["data"], cfg["lm"]
     seed, device = cfg.get("seed", 0), cfg.get("device", "auto")
-    dseed = d.get("seed", seed)
-    corpus = data.load_corpus(d.get("corpus", "minipile"), d.get("domains"), d.get("max_docs_per_domain"),
-                              d.get("max_chars_per_doc"), d.get("holdout") or (), seed=dseed)
     if m.get("name"):
+        corpus = data.load_corpus(d.get("corpus", "minipile"), d.get("domains"), d.get("max_docs_per_domain"),
+                                  d.get("max_chars_per_doc"), d.get("holdout") or (), seed=d.get("seed", seed))
         model = load_model(m["name"], device)
         tokenizer = data.load_tokenizer(m["name"])
         n_ctx = m.get("n_ctx") or model.config.n_positions
@@ -263,8 +274,7 @@ def subject_model(cfg: dict) -> SubjectModel:
         history = json.loads(hp.read_text()) if hp.exists() else None
         path = str(m["name"])
     else:
-        tokenizer = data.train_tokenizer(corpus, d["vocab_size"], seed=dseed)
-        tokenized = data.tokenize(corpus, tokenizer, m["n_ctx"])
+        corpus, tokenizer, tokenized = prepare_data(cfg)
         keys = ("n_layer", "n_embd", "n_head", "n_ctx", "steps", "batch_size", "lr", "warmup", "weight_decay",
                 "eval_every", "eval_batches", "precision")
         model, history = train_lm(tokenized, tokenizer, **{k: m[k] for k in keys if k in m}, seed=seed,
@@ -272,3 +282,38 @@ def subject_model(cfg: dict) -> SubjectModel:
         path = history["path"]
     return SubjectModel(model, tokenizer, corpus, tokenized, history, path,
                         sum(p.numel() for p in model.parameters()), cfg)
+
+
+def _train_one(cfg: dict) -> str:
+    """Worker side of :func:`train_many`: train (or find cached) one subject model, return its folder."""
+    return subject_model({**cfg, "device": cfg.get("device", "auto")}).path
+
+
+def train_many(cfgs: list[dict], workers: int | None = None, threads: int = 1, labels=None,
+               desc: str = "train LMs") -> list[SubjectModel]:
+    """:func:`subject_model` for every config of ``cfgs`` (full profile dicts as from
+    :func:`saelib.config.load_profile`, differing e.g. in ``lm.n_layer`` / ``lm.n_embd``),
+    the training of the models not yet cached done in ``workers`` processes (None: the
+    machine's cores) with ``threads`` torch threads each (:func:`saelib.pool.map_processes`).
+    The data steps (corpus, tokenizer, tokens) run first, here, once per distinct data
+    config, so the workers only read them from the cache. Returns the subject models in
+    the order of ``cfgs``, loaded from the cache. A model trained in a worker with
+    ``threads`` threads has the weights a single process with that thread count gives.
+    Raises :class:`saelib.pool.WorkerError` naming the failing config (``labels[i]``);
+    the models finished before stay cached."""
+    from . import pool
+
+    cfgs = [dict(c) for c in cfgs]
+    workers = pool.resolve_workers(workers)
+    for c in cfgs:
+        if c["lm"].get("name"):
+            raise ValueError("train_many trains models (lm.name must be null); load named models with subject_model")
+    seen = set()
+    for c in cfgs:                                   # the shared data steps, once each, in this process
+        key = config_hash({"data": c["data"], "n_ctx": c["lm"]["n_ctx"], "seed": c.get("seed", 0)})
+        if key not in seen:
+            seen.add(key)
+            prepare_data(c)
+    labels = labels or [f"n_layer={c['lm']['n_layer']} n_embd={c['lm']['n_embd']}" for c in cfgs]
+    pool.map_processes(_train_one, cfgs, workers=workers, threads=threads, labels=labels, desc=desc, unit="model")
+    return [subject_model(c) for c in cfgs]

@@ -158,6 +158,23 @@ def lr_law(n_latents: int, base: float = 2e-4) -> float:
     return float(base) / math.sqrt(n_latents / 2**14)
 
 
+def _resolve(data, kind: str, *, steps: int, batch_size: int, seed: int, lr, lr_base, normalize, aux_k,
+             build_kwargs: dict):
+    """Validate the arguments of :func:`train_sae` and return ``(sae, lr, cfg, path)``
+    without training: the built SAE, the learning rate, the hashed config and the cache folder."""
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
+    check_choice("normalize", normalize, (None, "unit"))
+    d_in = _d_of(data)
+    build_kwargs = {k: v for k, v in build_kwargs.items() if k != "d_in"}
+    sae = saes.build(kind, d_in=d_in, seed=seed, **build_kwargs)        # validates before any work
+    if lr is None and lr_base is not None:
+        lr = lr_law(sae.n_latents, lr_base)
+    cfg = run_config(data, kind, steps=steps, batch_size=batch_size, seed=seed, lr=lr, normalize=normalize,
+                     aux_k=aux_k, **build_kwargs)
+    return sae, lr, cfg, cache_dir("saes") / config_hash(cfg, 16)
+
+
 def train_sae(data, kind: str, *, steps: int, batch_size: int, seed: int = 0, lr: float | None = None,
               lr_base: float | None = None, normalize: str | None = "unit", aux_k: bool | int = False,
               name: str | None = None, device="auto", progress_bar: bool = False, **build_kwargs) -> Run:
@@ -170,18 +187,10 @@ def train_sae(data, kind: str, *, steps: int, batch_size: int, seed: int = 0, lr
     ``build_kwargs``: ``n_latents``, ``k``, ``n_experts``, ``l1_coef``, ``alpha``, ...
     (bad values raise :func:`saelib.saes.build`'s ValueError before anything trains).
     ``name``: a label for tables and plots, not part of the key. ``device``: where to
-    train (not part of the key: same seed and thread count -> same numbers on CPU)."""
-    check_positive_int("steps", steps)
-    check_positive_int("batch_size", batch_size)
-    check_choice("normalize", normalize, (None, "unit"))
-    d_in = _d_of(data)
-    build_kwargs.pop("d_in", None)
-    sae = saes.build(kind, d_in=d_in, seed=seed, **build_kwargs)        # validates before any work
-    if lr is None and lr_base is not None:
-        lr = lr_law(sae.n_latents, lr_base)
-    cfg = run_config(data, kind, steps=steps, batch_size=batch_size, seed=seed, lr=lr, normalize=normalize,
-                     aux_k=aux_k, **build_kwargs)
-    path = cache_dir("saes") / config_hash(cfg, 16)
+    train (not part of the key: same seed and thread count -> same numbers on CPU).
+    Trains with the calling process's torch thread count (:func:`sweep` sets it)."""
+    sae, lr, cfg, path = _resolve(data, kind, steps=steps, batch_size=batch_size, seed=seed, lr=lr, lr_base=lr_base,
+                                  normalize=normalize, aux_k=aux_k, build_kwargs=build_kwargs)
     if (path / RUN_FILE).exists():
         return _load(path, name)
     t0 = time.perf_counter()
@@ -228,21 +237,70 @@ def _load(path: Path, name: str | None) -> Run:
                path, True, info)
 
 
+def _portable(data):
+    """What a worker process needs to open ``data``: a tensor as is (it travels through
+    shared memory), an activation store as its class, folder and RAM limit (a memmap must
+    not be pickled by value)."""
+    if torch.is_tensor(data) or isinstance(data, np.ndarray):
+        return ("tensor", torch.as_tensor(data))
+    path = getattr(data, "path", None)
+    if path is None:
+        raise ValueError(f"data must be a tensor [n, d_in] or an ActivationStore, got {type(data).__name__}")
+    return ("store", type(data), str(path), getattr(data, "ram_limit_bytes", 2**30))
+
+
+def _train_job(job) -> str:
+    """Worker side of :func:`sweep`: open the data, train one spec into the cache, return its folder."""
+    ref, kind, kw = job
+    data = ref[1] if ref[0] == "tensor" else ref[1](ref[2], ram_limit_bytes=ref[3])
+    return str(train_sae(data, kind, **kw).path)
+
+
 def sweep(data, specs: list[dict], *, steps: int, batch_size: int, seed: int = 0, lr: float | None = None,
-          lr_base: float | None = None, normalize: str | None = "unit", desc: str = "sweep", **common) -> list[Run]:
+          lr_base: float | None = None, normalize: str | None = "unit", desc: str = "sweep",
+          workers: int | None = None, threads: int = 1, **common) -> list[Run]:
     """:func:`train_sae` for every spec (a dict with ``kind``, build kwargs, an optional
     ``name``, optional ``tags`` (a dict of labels kept on the run) and optional per-spec
-    ``steps``/``batch_size``/``seed``/``lr``/``lr_base``/``normalize`` overriding the shared values),
-    in order, with a progress bar. Cached runs load."""
-    runs = []
-    for spec in progress(specs, desc=desc, unit="sae"):
+    ``steps``/``batch_size``/``seed``/``lr``/``lr_base``/``normalize`` overriding the shared values).
+    Returns the runs in the order of ``specs``.
+
+    Cached runs load; the others (each distinct config once) train in ``workers`` processes
+    (None: the machine's cores, :func:`saelib.pool.default_workers`) with ``threads`` torch
+    threads each (:func:`saelib.pool.map_processes`), so the same seed gives the same weights
+    and history whether an SAE trained alone (with ``threads`` threads), in a pool of one or
+    of N. Every spec is validated (``saes.build``'s ValueError) before anything trains. One
+    progress bar, advanced as SAEs finish; a failing spec raises
+    :class:`saelib.pool.WorkerError` naming it, and the SAEs finished before stay cached."""
+    from . import pool
+
+    workers = pool.resolve_workers(workers)
+    plans = []
+    for i, spec in enumerate(specs):
         spec = dict(spec)
         if "kind" not in spec:
             raise ValueError(f"every spec needs a 'kind' (one of {list(saes.KINDS)}), got {spec}")
         tags = dict(spec.pop("tags", None) or {})
+        name = spec.pop("name", None)
         kw = dict(steps=steps, batch_size=batch_size, seed=seed, lr=lr, lr_base=lr_base, normalize=normalize, **common)
         kw.update({k: spec.pop(k) for k in list(spec) if k in kw})
-        run = train_sae(data, spec.pop("kind"), **kw, **spec)
+        kind = spec.pop("kind")
+        _, _, _, path = _resolve(data, kind, steps=kw["steps"], batch_size=kw["batch_size"], seed=kw["seed"],
+                                 lr=kw["lr"], lr_base=kw["lr_base"], normalize=kw["normalize"],
+                                 aux_k=kw.get("aux_k", False), build_kwargs=spec)
+        plans.append((path, name, tags, kind, {**kw, **spec}, name or f"spec {i} ({kind})"))
+    todo = {}
+    for path, _, _, kind, kw, label in plans:
+        if not (path / RUN_FILE).exists() and path not in todo:
+            todo[path] = (kind, kw, label)
+    if todo:
+        ref = _portable(data)
+        jobs = [(ref, kind, kw) for kind, kw, _ in todo.values()]
+        pool.map_processes(_train_job, jobs, workers=workers, threads=threads,
+                           labels=[lab for _, _, lab in todo.values()], desc=desc, unit="sae")
+    runs = []
+    for path, name, tags, *_ in plans:
+        run = _load(path, name)
+        run.cached = path not in todo
         run.tags = tags
         runs.append(run)
     return runs

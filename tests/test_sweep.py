@@ -55,17 +55,17 @@ def test_sweep_runs_specs_in_order_and_reuses_the_cache(x, tmp_cache):
     specs = [dict(kind="topk", n_latents=64, k=4, name="a"),
              dict(kind="switch", n_latents=64, k=4, n_experts=4, steps=8),
              dict(kind="relu", n_latents=64, l1_coef=1.0)]
-    runs = sweep.sweep(x, specs, steps=10, batch_size=128)
+    runs = sweep.sweep(x, specs, steps=10, batch_size=128, workers=1)
     assert [r.sae.kind for r in runs] == ["topk", "switch", "relu"]
     assert [r.config["steps"] for r in runs] == [10, 8, 10]
     assert runs[0].name == "a" and runs[1].name == "switch N=4 n=64 k=4"
-    again = sweep.sweep(x, specs, steps=10, batch_size=128)
+    again = sweep.sweep(x, specs, steps=10, batch_size=128, workers=1)
     assert all(r.cached for r in again) and [r.path for r in again] == [r.path for r in runs]
 
 
 def test_evaluate_runs_columns_and_values(x, tmp_cache):
     runs = sweep.sweep(x, [dict(kind="topk", n_latents=64, k=4), dict(kind="switch", n_latents=64, k=4, n_experts=4)],
-                       steps=10, batch_size=128)
+                       steps=10, batch_size=128, workers=1)
     df = sweep.evaluate_runs(runs, x[:512])
     assert list(df.columns) == sweep.EVAL_COLUMNS and len(df) == 2
     ev = metrics.evaluate_sae(runs[0].sae, x[:512])
@@ -90,6 +90,8 @@ def test_bad_kind_and_bad_build_kwargs_raise_before_training(x, tmp_cache):
         sweep.train_sae(x, "switch", n_latents=16, n_experts=4, k=8, steps=5, batch_size=64)
     with pytest.raises(ValueError, match="kind"):
         sweep.sweep(x, [dict(n_latents=64, k=4)], steps=5, batch_size=64)
+    with pytest.raises(ValueError, match="workers"):
+        sweep.sweep(x, [dict(kind="topk", n_latents=64, k=4)], steps=5, batch_size=64, workers=0)
     assert not (tmp_cache / "saes").exists() or not any((tmp_cache / "saes").iterdir())
 
 
@@ -130,7 +132,7 @@ def test_tags_become_columns_and_compare_to_dense(x, tmp_cache):
     specs = ([dict(kind="topk", n_latents=64, k=k, tags={"setting": "dense"}) for k in (2, 4)]
              + [dict(kind="relu", n_latents=64, l1_coef=l, tags={"setting": "dense"}) for l in (0.5, 2.0)]
              + [dict(kind="switch", n_latents=64, n_experts=2, k=k, tags={"setting": "wm"}) for k in (2, 4)])
-    df = sweep.evaluate_runs(sweep.sweep(x, specs, steps=10, batch_size=128), x[:512])
+    df = sweep.evaluate_runs(sweep.sweep(x, specs, steps=10, batch_size=128, workers=1), x[:512])
     assert list(df.columns[-1:]) == ["setting"] and df.setting.tolist() == ["dense"] * 4 + ["wm"] * 2
     sw = df[df.kind == "switch"]
     out = sweep.compare_to_dense(sw, df, ys=("mse",))
@@ -156,3 +158,38 @@ def test_code_key_ignores_comments_and_docstrings_but_not_code():
     b = 'def f(x):\n    """Another doc,\n    longer."""\n\n    return x + 1\n'
     c = 'def f(x):\n    """Doc."""\n    return x + 2\n'
     assert sweep.code_key(a) == sweep.code_key(b) != sweep.code_key(c)
+
+
+def _assert_same_run(a, b):
+    for (ka, va), (kb, vb) in zip(a.sae.state_dict().items(), b.sae.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    pd.testing.assert_frame_equal(a.history.drop(columns="wall_time"), b.history.drop(columns="wall_time"),
+                                  check_dtype=False)
+
+
+def test_pool_of_two_gives_the_same_saes_as_alone(x, tmp_path, monkeypatch):
+    specs = [dict(kind="topk", n_latents=64, k=4), dict(kind="switch", n_latents=64, k=4, n_experts=4),
+             dict(kind="scale", n_latents=64, k=4, n_experts=4, n_active=2), dict(kind="batchtopk", n_latents=64, k=4)]
+    out = {}
+    for label, workers in (("alone", None), ("pool1", 1), ("pool2", 2)):
+        monkeypatch.setenv("SAELIB_CACHE", str(tmp_path / label))
+        if workers is None:                       # one SAE after another, no pool, one thread (the fixture)
+            out[label] = [sweep.train_sae(x, s.pop("kind"), steps=12, batch_size=128, **s) for s in map(dict, specs)]
+        else:
+            out[label] = sweep.sweep(x, specs, steps=12, batch_size=128, workers=workers)
+            assert not any(r.cached for r in out[label])
+    for a, b, c in zip(out["alone"], out["pool1"], out["pool2"]):
+        assert a.path.name == b.path.name == c.path.name
+        _assert_same_run(a, b)
+        _assert_same_run(a, c)
+
+
+def test_a_failing_spec_is_named_and_finished_saes_stay_cached(x, tmp_cache, monkeypatch):
+    from saelib import pool
+
+    specs = [dict(kind="topk", n_latents=64, k=4, name="good"),
+             dict(kind="topk", n_latents=64, k=4, lr=1e6, name="diverges")]     # NaN -> FloatingPointError
+    with pytest.raises(pool.WorkerError, match="diverges"):
+        sweep.sweep(x, specs, steps=30, batch_size=128, workers=2)
+    good = sweep.train_sae(x, "topk", n_latents=64, k=4, steps=30, batch_size=128)
+    assert good.cached

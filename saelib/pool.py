@@ -1,0 +1,111 @@
+"""Independent trainings side by side: a process pool with one torch thread per worker.
+
+On a small CPU machine one SAE step at the book's shapes is fastest on one thread
+(the matrices are too small to split well), so a sweep of independent SAEs or
+language models keeps every core busy by training several at once, each in its own
+process. :func:`map_processes` is the one place that does it, on the standard
+library's ``concurrent.futures.ProcessPoolExecutor`` with the ``spawn`` start
+method (no fork of a process whose OpenMP / torch threads are running). Callers
+(:func:`saelib.sweep.sweep`, :func:`saelib.lm.train_many`) make their work items
+write their results into the cache, so a finished item stays cached even when a
+later one fails, and then load the results in the parent.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+from .utils import progress
+
+
+def default_workers() -> int:
+    """The cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count()``
+    where that is missing); 1 on a one-core machine."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:                        # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, n)
+
+
+def resolve_workers(workers) -> int:
+    """``None`` -> :func:`default_workers`; else a positive int (ValueError otherwise)."""
+    if workers is None:
+        return default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer or None (= the machine's cores), got {workers!r}")
+    return workers
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ["SAELIB_IN_WORKER"] = "1"
+
+
+class WorkerError(RuntimeError):
+    """A work item failed in a worker process; the message names the item."""
+
+
+def map_processes(fn, items: list, *, workers: int | None = None, threads: int = 1, labels=None,
+                  desc: str = "train", unit: str = "run") -> list:
+    """``[fn(item) for item in items]``, computed in ``workers`` processes with
+    ``threads`` torch threads each, results in the order of ``items``.
+
+    ``fn`` must be importable (a module-level function) and ``items`` picklable
+    (tensors travel through shared memory). With ``workers == 1`` nothing is spawned:
+    ``fn`` runs here, with the torch thread count set to ``threads`` for the call.
+    One progress bar, advanced as items finish. When an item raises, the pending
+    items are cancelled, the running ones finish, and a :class:`WorkerError` names
+    the failed item (``labels[i]`` or its index) and the error.
+
+    Raises ValueError for bad ``workers`` / ``threads`` before anything runs."""
+    workers = resolve_workers(workers)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    items = list(items)
+    labels = [str(i) for i in range(len(items))] if labels is None else [str(x) for x in labels]
+    if len(labels) != len(items):
+        raise ValueError(f"labels has {len(labels)} entries for {len(items)} items")
+    if not items:
+        return []
+    bar = progress(total=len(items), desc=desc, unit=unit)
+    results = [None] * len(items)
+    if workers == 1 or len(items) == 1 and os.environ.get("SAELIB_IN_WORKER"):
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for i, item in enumerate(items):
+                try:
+                    results[i] = fn(item)
+                except Exception as e:
+                    raise WorkerError(f"{desc}: item {labels[i]!r} failed: {type(e).__name__}: {e}") from e
+                bar.update(1)
+        finally:
+            torch.set_num_threads(before)
+            bar.close()
+        return results
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=ctx, initializer=_init_worker,
+                             initargs=(threads,)) as ex:
+        futures = {ex.submit(fn, item): i for i, item in enumerate(items)}
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    i = futures[f]
+                    err = f.exception()
+                    if err is not None:
+                        for p in pending:
+                            p.cancel()
+                        raise WorkerError(f"{desc}: item {labels[i]!r} failed: {type(err).__name__}: {err}") from err
+                    results[i] = f.result()
+                    bar.update(1)
+        finally:
+            bar.close()
+    return results
