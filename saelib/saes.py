@@ -73,6 +73,7 @@ DENSE_KINDS = ("relu", "gated", "topk", "batchtopk")   # exportable to SAELens
 TOPK_KINDS = ("topk", "batchtopk", "switch", "scale")
 MOE_KINDS = ("switch", "scale")
 DECOMPOSITIONS = ("mean", "identity", "learned")
+BALANCE_SCALES = ("raw", "normalized")   # what the load-balancing term is weighed against (build docstring)
 # L1 coefficients for inputs scaled to E||x||^2 = d_in (train.fit(normalize="unit")), chosen on
 # the planted-dictionary data of tests/test_train.py (planted L0 4.5): relu reaches L0 ~7-8,
 # gated L0 ~5-6, both with mmcs > 0.97. Lower them when tokens carry many more features.
@@ -109,7 +110,7 @@ class SAEOutput:
 def build(kind: str, *, d_in: int, n_latents: int, k: int | None = None, n_experts: int = 1,
           n_active: int | None = None, feature_scaling: bool | None = None, decomposition: str = "mean",
           l1_coef: float | None = None, alpha: float = 3.0, renormalize_router: bool = False,
-          seed: int = 0) -> "SAE":
+          balance_scale: str = "raw", seed: int = 0) -> "SAE":
     """Build an SAE of ``kind`` (one of :data:`KINDS`).
 
     ``n_latents`` is the whole dictionary (split evenly over ``n_experts`` for switch and
@@ -117,8 +118,13 @@ def build(kind: str, *, d_in: int, n_latents: int, k: int | None = None, n_exper
     switch, default 2 for scale). ``feature_scaling`` (scale only, default True) and
     ``decomposition`` in :data:`DECOMPOSITIONS`. ``l1_coef`` (relu, gated; default
     :data:`DEFAULT_L1`, meant for inputs with E||x||^2 = d_in). ``alpha``: load-balancing
-    weight (switch, scale). ``seed`` fixes the initial weights. Bad input raises a
-    ValueError naming the parameter."""
+    weight (switch, scale). ``balance_scale`` (switch, scale): ``"raw"`` (default, the
+    papers' convention) weighs ``alpha * d * L_aux`` against the reconstruction error of the
+    *raw* activations, also when training on inputs scaled by ``s = norm_scaling_factor``
+    (the term is multiplied by ``s**2`` like the error); ``"normalized"`` weighs it against
+    the error of the scaled inputs (the book's convention before chapter 01's review: at
+    E||x||^2 = 9.2 d the balancing term then weighs 9.2x more than in the paper).
+    ``seed`` fixes the initial weights. Bad input raises a ValueError naming the parameter."""
     check_choice("kind", kind, KINDS)
     check_positive_int("d_in", d_in)
     check_positive_int("n_latents", n_latents)
@@ -162,6 +168,7 @@ def build(kind: str, *, d_in: int, n_latents: int, k: int | None = None, n_exper
         raise ValueError(f"l1_coef is only used by kind in ['gated', 'relu'], got kind={kind!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0 or math.isinf(alpha):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    check_choice("balance_scale", balance_scale, BALANCE_SCALES)
     if renormalize_router and kind != "scale":
         raise ValueError("renormalize_router=True is only allowed for kind='scale'")
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -169,7 +176,8 @@ def build(kind: str, *, d_in: int, n_latents: int, k: int | None = None, n_exper
     cfg = dict(kind=kind, d_in=int(d_in), n_latents=int(n_latents), k=None if k is None else int(k),
                n_experts=int(n_experts), n_active=int(n_active), feature_scaling=bool(feature_scaling),
                decomposition=decomposition, l1_coef=l1_coef, alpha=float(alpha) if moe else None,
-               renormalize_router=bool(renormalize_router), seed=seed, norm_scaling_factor=1.0)
+               renormalize_router=bool(renormalize_router), seed=seed, norm_scaling_factor=1.0,
+               **({"balance_scale": balance_scale} if moe else {}))
     return SAE(cfg)
 
 
@@ -380,7 +388,9 @@ class SAE(nn.Module):
             parts["aux_recon"] = (x * s - x_gate).pow(2).sum(-1).mean()
         if self.kind in MOE_KINDS:
             f, P = self.expert_load(out), out.loss_terms["router_probs"].mean(0)
-            parts["lb"] = self.config["alpha"] * self.d_in * self.n_experts * (f * P).sum()
+            lb = self.config["alpha"] * self.d_in * self.n_experts * (f * P).sum()
+            raw = self.config.get("balance_scale", "normalized") == "raw"   # files from before the option: normalized
+            parts["lb"] = lb * (s * s) if raw and s != 1 else lb
         total = sum(parts.values())
         return total, {key: float(val.detach()) for key, val in parts.items()}
 
