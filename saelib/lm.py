@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data
+from . import data, moe_lm
 from .utils import (atomic_path, cache_dir, check_choice, check_positive_int, config_hash, progress,
                     resolve_device, set_seed, tune_malloc)
 
@@ -88,7 +88,9 @@ def evaluate(model, tokenized_split, batch_size: int = 16, max_batches: int | No
 
 def train_lm(tokenized, tokenizer, *, n_layer: int, n_embd: int, n_head: int, n_ctx: int, steps: int,
              batch_size: int, lr: float, warmup: int, weight_decay: float = 0.1, eval_every: int,
-             eval_batches: int | None = 8, seed: int = 0, device="auto", precision: str = "float32"):
+             eval_batches: int | None = 8, seed: int = 0, device="auto", precision: str = "float32",
+             n_inner: int | None = None, n_experts: int = 1, moe_every: int = 1, router_aux_coef: float = 0.01,
+             capacity_factor: float | None = None):
     """Train ``GPT2LMHeadModel`` from scratch on ``tokenized["train"]`` with AdamW
     (betas 0.9/0.95, decoupled weight decay on matrices only), linear warm-up +
     cosine decay, gradient clipping at 1, no dropout; ``precision="bfloat16"``
@@ -97,6 +99,9 @@ def train_lm(tokenized, tokenizer, *, n_layer: int, n_embd: int, n_head: int, n_
     loss/perplexity every ``eval_every`` steps and at the end (``eval_batches``
     batches per domain). Returns ``(model, history)``, both loaded from the
     cache directory ``cache_dir("lm", <hash>)`` (a second call does not retrain).
+    ``n_inner``: FFN width (None: 4 n_embd). ``n_experts > 1``: a Switch transformer
+    (:mod:`saelib.moe_lm`: Switch FFN in every ``moe_every``-th block, load-balancing loss
+    ``router_aux_coef * N sum f_i P_i`` added to the LM loss, optional ``capacity_factor``).
 
     history: {"train": [{step, loss, lr, tokens_seen, tokens_per_s}],
               "eval": [{step, domain, loss, ppl}], "config", "n_params", "train_seconds", "path"}.
@@ -113,6 +118,12 @@ def train_lm(tokenized, tokenizer, *, n_layer: int, n_embd: int, n_head: int, n_
     config = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_ctx=n_ctx, steps=steps, batch_size=batch_size,
                   lr=lr, warmup=warmup, weight_decay=weight_decay, eval_every=eval_every,
                   eval_batches=eval_batches, seed=seed, precision=precision)
+    moe_lm._check_moe(n_experts, moe_every, router_aux_coef, capacity_factor)
+    if n_inner is not None:
+        check_positive_int("n_inner", n_inner)
+    extra = dict(n_inner=n_inner, n_experts=n_experts, moe_every=moe_every, router_aux_coef=router_aux_coef,
+                 capacity_factor=capacity_factor)
+    config.update({k: v for k, v in extra.items() if v != moe_lm.MOE_DEFAULTS.get(k)})  # defaults: keys unchanged
     key = config_hash({**config, "v": LM_VERSION, "tokenizer": data.tokenizer_hash(tokenizer),
                        "train": data.token_hash(tokenized["train"]),
                        "validation": data.token_hash(tokenized["validation"])})
@@ -138,11 +149,14 @@ def _train(tokenized, tokenizer, config, dev):
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     set_seed(c["seed"])
     gcfg = GPT2Config(vocab_size=len(tokenizer), n_positions=c["n_ctx"], n_embd=c["n_embd"], n_layer=c["n_layer"],
-                      n_head=c["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      n_head=c["n_head"], n_inner=c.get("n_inner"), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                       bos_token_id=bos, eos_token_id=tokenizer.eos_token_id)
     if dev.type == "cpu":
         tune_malloc()                  # ~12% faster steps here: no page faults for reused activations
-    model = GPT2LMHeadModel(gcfg).to(dev).train()
+    model = GPT2LMHeadModel(gcfg)
+    moe_lm.switchify(model, c.get("n_experts", 1), c.get("moe_every", 1), c.get("router_aux_coef", 0.01),
+                     c.get("capacity_factor"))
+    model = model.to(dev).train()
     model.loss_type = "ForCausalLM"
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -172,7 +186,7 @@ def _train(tokenized, tokenizer, config, dev):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=c.get("precision") == "bfloat16"):
             loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + moe_lm.aux_loss(model)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         seen += x.numel()
@@ -195,6 +209,8 @@ def load_model(name_or_path, device="auto"):
     """Any causal LM (``AutoModelForCausalLM``) from a local directory or the hub, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    if moe_lm.is_switch(name_or_path):
+        return moe_lm.load_pretrained(name_or_path).to(resolve_device(device)).eval()
     try:
         with _hf_quiet():
             model = AutoModelForCausalLM.from_pretrained(str(name_or_path))
@@ -259,7 +275,8 @@ def subject_model(cfg: dict) -> SubjectModel:
 
     cfg["data"]: corpus, domains, max_docs_per_domain, (max_chars_per_doc), holdout, vocab_size, seed.
     cfg["lm"]: name (hub / local path: load it and its tokenizer instead of training) or None, n_layer,
-    n_embd, n_head, n_ctx, steps, batch_size, lr, warmup, (weight_decay), eval_every, eval_batches, (precision).
+    n_embd, n_head, n_ctx, steps, batch_size, lr, warmup, (weight_decay), eval_every, eval_batches, (precision),
+    (n_inner, n_experts, moe_every, router_aux_coef, capacity_factor: a Switch transformer, see train_lm).
     cfg["seed"], cfg["device"]."""
     d, m = cfg["data"], cfg["lm"]
     seed, device = cfg.get("seed", 0), cfg.get("device", "auto")
@@ -276,7 +293,7 @@ def subject_model(cfg: dict) -> SubjectModel:
     else:
         corpus, tokenizer, tokenized = prepare_data(cfg)
         keys = ("n_layer", "n_embd", "n_head", "n_ctx", "steps", "batch_size", "lr", "warmup", "weight_decay",
-                "eval_every", "eval_batches", "precision")
+                "eval_every", "eval_batches", "precision", "n_inner", *moe_lm.MOE_DEFAULTS)
         model, history = train_lm(tokenized, tokenizer, **{k: m[k] for k in keys if k in m}, seed=seed,
                                   device=device)
         path = history["path"]
