@@ -212,6 +212,49 @@ def not_testable(why: str) -> Verdict:
     return Verdict("not testable here", why)
 
 
+def mean_ci(values, level: float = 0.95) -> tuple[float, tuple[float, float]]:
+    """Mean of ``values`` (NaN dropped) and its normal-approximation interval
+    ``mean +- z * sd / sqrt(n)`` (``sd`` with ``ddof=1``), e.g. a per-feature true
+    positive rate over the features scored. Hand case: ``[0, 1, 2, 3]`` -> mean 1.5,
+    sd 1.291, 95%: 1.5 +- 1.96 * 0.6455 = [0.235, 2.765]. Fewer than two values ->
+    ``(mean, (nan, nan))``. Raises ValueError unless ``0 < level < 1``."""
+    from scipy.stats import norm
+
+    if not (_finite(level) and 0 < level < 1):
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan"), (float("nan"), float("nan"))
+    m = float(x.mean())
+    if x.size < 2:
+        return m, (float("nan"), float("nan"))
+    half = float(norm.ppf(0.5 + level / 2) * x.std(ddof=1) / math.sqrt(x.size))
+    return m, (m - half, m + half)
+
+
+def noise_floor(groups, z: float = 2.0, relative: bool = False) -> float:
+    """The seed-to-seed noise of a measurement: ``z`` times the pooled within-group
+    standard deviation of ``groups`` (each a list of replicate values of one setting,
+    e.g. one SAE's MSE over seeds; groups with fewer than two values are skipped).
+    ``relative=True`` divides each group by its mean first (a noise floor for ratios:
+    a ratio within ``1 +- noise`` is noise). Hand case: groups ``[[1, 3], [2, 2]]`` ->
+    variances 2 and 0, pooled sd 1, ``z=2`` -> 2.0. No group with two values -> NaN."""
+    if not (_finite(z) and z > 0):
+        raise ValueError(f"z must be a positive number, got {z!r}")
+    var, dof = 0.0, 0
+    for g in groups:
+        g = np.asarray(g, dtype=float)
+        g = g[np.isfinite(g)]
+        if g.size < 2:
+            continue
+        if relative:
+            g = g / g.mean()
+        var += float(((g - g.mean()) ** 2).sum())
+        dof += g.size - 1
+    return float("nan") if dof == 0 else float(z * math.sqrt(var / dof))
+
+
 CLAIM_COLUMNS = ["section", "claim", "paper", "ours", "paper_value", "our_value", "verdict", "why"]
 
 

@@ -88,3 +88,15 @@ def test_claims_table_columns_and_refusal():
         V.claims_table([{"claim": "c", "verdict": "partly"}])
     with pytest.raises(ValueError, match="verdict must be one of"):
         V.Verdict("maybe", "")
+
+
+def test_mean_ci_and_noise_floor_hand_cases():
+    m, (lo, hi) = V.mean_ci([0, 1, 2, 3])
+    assert m == 1.5 and lo == pytest.approx(1.5 - 1.959964 * 0.645497, rel=1e-5) and hi == pytest.approx(2.765, abs=1e-3)
+    assert math.isnan(V.mean_ci([1.0])[1][0])
+    assert V.noise_floor([[1, 3], [2, 2]]) == pytest.approx(2.0)
+    assert V.noise_floor([[1, 3], [2, 2]], z=1) == pytest.approx(1.0)
+    assert V.noise_floor([[2, 6]], z=1, relative=True) == pytest.approx(math.sqrt(0.5))   # [0.5, 1.5] / 1
+    assert math.isnan(V.noise_floor([[1], [2]]))
+    with pytest.raises(ValueError, match="level"):
+        V.mean_ci([1, 2], level=95)
