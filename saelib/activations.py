@@ -25,7 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .utils import atomic_path, cache_dir, check_choice, check_positive_int, config_hash, progress, resolve_device
+import errno
+import os
+import shutil
+
+from .utils import (CacheEntryError, atomic_path, cache_dir, check_choice, check_positive_int, config_hash, discard_entry,
+                    entry_lock, progress, resolve_device, usable_entry, verify_entry)
 
 SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "ln1", "ln2")
 _BLOCK_LISTS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
@@ -179,11 +184,21 @@ class ActivationStore:
     (``tokens.npy``/``seq.npy``/``pos.npy``) and ``meta.json``."""
 
     def __init__(self, path, ram_limit_bytes: int = 2**30):
+        """Open the store at ``path``. Its files are checked against the checksum written with
+        them (:func:`saelib.utils.verify_entry`, once per process); a damaged, truncated or
+        unreadable store raises :class:`saelib.utils.CacheEntryError` (a ValueError) naming the file."""
         self.path = Path(path)
-        self.meta = json.loads((self.path / "meta.json").read_text())
-        self.acts = np.load(self.path / "acts.npy", mmap_mode="r")
-        self.tokens, self.seq, self.pos = (np.load(self.path / f"{k}.npy", mmap_mode="r")
-                                           for k in ("tokens", "seq", "pos"))
+        verify_entry(self.path)
+        try:
+            self.meta = json.loads((self.path / "meta.json").read_text())
+            self.acts = np.load(self.path / "acts.npy", mmap_mode="r")
+            self.tokens, self.seq, self.pos = (np.load(self.path / f"{k}.npy", mmap_mode="r")
+                                               for k in ("tokens", "seq", "pos"))
+        except (OSError, ValueError, EOFError) as e:
+            raise CacheEntryError(f"activation store {self.path} cannot be read: {e}") from e
+        if not len(self.acts) == len(self.tokens) == self.meta.get("n", len(self.acts)):
+            raise CacheEntryError(f"activation store {self.path}: acts.npy has {len(self.acts)} rows, "
+                                  f"meta.json says {self.meta.get('n')}")
         self.ram_limit_bytes, self._ram = ram_limit_bytes, None
 
     d = property(lambda self: self.acts.shape[1])
@@ -299,9 +314,47 @@ def collect(model, tokens, site: str, n_tokens: int, dtype: str = "float32", bat
     key = config_hash({"model": model_hash(model), "tokens": hashlib.sha256(rows.numpy().tobytes()).hexdigest(),
                        "site": site, "n_tokens": n_tokens, "dtype": dtype, "skip_bos": skip_bos, "v": STORE_VERSION})
     path = Path(path) if path is not None else cache_dir("activations") / key
-    if (path / "meta.json").exists() and json.loads((path / "meta.json").read_text()).get("key") == key:
-        return ActivationStore(path, ram_limit_bytes)
+    with entry_lock(path):          # a second process waits, then reads what the first wrote
+        if usable_entry(path, "activation store"):
+            try:
+                if json.loads((path / "meta.json").read_text()).get("key") == key:
+                    return ActivationStore(path, ram_limit_bytes)
+            except (OSError, ValueError) as e:   # an entry from before checksums that does not load
+                warnings.warn(f"activation store {path} cannot be loaded ({e}); removing it and rebuilding")
+                discard_entry(path)
+        _collect(model, rows, keep, site, n, n_tokens, dtype, batch_size, device, path, key, n_seq, skip_bos)
+    return ActivationStore(path, ram_limit_bytes)
 
+
+DISK_MARGIN = 1.05   # free space needed: the store's size times this
+
+
+def _check_space(folder: Path, need: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if need * DISK_MARGIN > free:
+        raise OSError(errno.ENOSPC, f"collect: the activation store needs {need / 2**20:.1f} MiB in {folder} but "
+                                    f"only {free / 2**20:.1f} MiB are free on that disk; free some space, or point "
+                                    "$SAELIB_CACHE (or path=) at a larger disk, or lower n_tokens")
+
+
+def _preallocate(file: Path, folder: Path, need: int) -> None:
+    """Reserve the blocks of a memmapped file now, so a full disk is an OSError here and
+    not a SIGBUS when a page of the mapping is written."""
+    try:
+        with open(file, "r+b") as fh:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"collect: the disk holding {folder} is full (the activation store needs "
+                                        f"{need / 2**20:.1f} MiB); the partial store was removed") from e
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    except AttributeError:   # no posix_fallocate on this platform
+        pass
+
+
+def _collect(model, rows, keep, site, n, n_tokens, dtype, batch_size, device, path, key, n_seq, skip_bos):
+    """Write the store (see :func:`collect`); the caller holds the entry lock."""
     p0 = next(model.parameters())
     dev = p0.device if device == "auto" else resolve_device(device)
     if dev != p0.device:
@@ -315,9 +368,13 @@ def collect(model, tokens, site: str, n_tokens: int, dtype: str = "float32", bat
             x, k = rows[i:i + batch_size], keep[i:i + batch_size]
             a = run_to_site(model, x.to(dev), site).float().cpu()
             if acts is None:
+                need = n * a.shape[-1] * np.dtype(dtype).itemsize + 3 * n * 4 + 4096 * 4
+                _check_space(tmp, need)
                 acts = np.lib.format.open_memmap(tmp / "acts.npy", "w+", np.dtype(dtype), (n, a.shape[-1]))
                 tok, sq, ps = (np.lib.format.open_memmap(tmp / f"{f}.npy", "w+", np.int32, (n,))
                                for f in ("tokens", "seq", "pos"))
+                for f in ("acts", "tokens", "seq", "pos"):
+                    _preallocate(tmp / f"{f}.npy", path.parent, need)
             m = min(int(k.sum()), n - w)
             s_idx, p_idx = k.nonzero(as_tuple=True)
             s_idx, p_idx = s_idx[:m], p_idx[:m]
@@ -332,4 +389,3 @@ def collect(model, tokens, site: str, n_tokens: int, dtype: str = "float32", bat
                 "model": getattr(model, "name_or_path", "") or type(model).__name__, "version": STORE_VERSION}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     model.train(was_training)
-    return ActivationStore(path, ram_limit_bytes)

@@ -26,11 +26,12 @@ import hashlib
 import importlib.util
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .utils import atomic_path, cache_dir, check_choice, check_positive_int, config_hash, quiet
+from .utils import atomic_path, cache_dir, cached, check_choice, check_positive_int, config_hash, quiet
 
 DOMAINS = ("shakespeare", "pydocs", "kerneldocs")
 SPLITS = ("train", "validation", "test")
@@ -153,13 +154,17 @@ def _cached_domain(domain: str) -> tuple[list[str], list[str]]:
     files = _source_files(domain)
     finger = hashlib.sha256("".join(f"{f}:{(s := f.stat()).st_size}:{s.st_mtime_ns}" for f in files).encode())
     path = cache_dir("corpus") / f"{domain}-{config_hash([CLEAN_VERSION, finger.hexdigest()])}"
-    if not path.exists():
+
+    def build(path):
         ids, texts = _read_domain(domain)
         with atomic_path(path) as tmp, _datasets_bars():
             datasets.Dataset.from_dict({"id": ids, "text": texts}).save_to_disk(str(tmp))
-    with _datasets_bars():
-        ds = datasets.load_from_disk(str(path))
-    return column(ds, "id"), column(ds, "text")
+
+    def load(path):
+        with _datasets_bars():
+            ds = datasets.load_from_disk(str(path))
+        return column(ds, "id"), column(ds, "text")
+    return cached(path, build, load, f"cleaned corpus domain {domain!r}")
 
 
 def _load_hf(spec: str, max_docs=None, seed=0) -> dict[str, tuple[list[str], list[str]]]:
@@ -317,35 +322,67 @@ def train_tokenizer(dsd, vocab_size: int, seed: int = 0, max_chars: int = 30_000
     """Byte-level BPE (Radford et al. 2019, GPT-2) trained with ``tokenizers`` on
     the train split (documents in a ``seed``-shuffled order, at most
     ``max_chars`` characters), wrapped as ``PreTrainedTokenizerFast`` with
-    bos = eos = pad = ``<|endoftext|>``. Cached by (train text, vocab_size, seed)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    bos = eos = pad = ``<|endoftext|>``. Cached by (train text, vocab_size, seed).
 
+    BPE training time grows quadratically with the length of a pre-tokenized word (a
+    run without spaces: 0.25 MB takes ~30 s, 20 MB does not finish), so for training
+    only, runs longer than :data:`MAX_BPE_WORD` characters are cut into pieces of that
+    length (with a warning naming how many); the tokenizer still encodes any text."""
     check_positive_int("vocab_size", vocab_size)
     if vocab_size < 258:
         raise ValueError(f"vocab_size={vocab_size} must be >= 258 (256 bytes + <|endoftext|> + one merge)")
+    check_positive_int("max_chars", max_chars)
     train = dsd["train"]
-    key = config_hash([corpus_hash({"train": train}), vocab_size, seed, max_chars, 1])
-    path = cache_dir("tokenizers") / key
-    if not path.exists():
-        texts = column(train, "text")
-        order, budget, chosen = sorted(range(len(texts)), key=lambda i: _u(seed, "tok", i)), 0, []
-        for i in order:
-            if budget >= max_chars:
-                break
-            chosen.append(texts[i])
-            budget += len(texts[i])
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[BOS],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        tok.train_from_iterator(chosen, trainer=trainer, length=len(chosen))
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=BOS,
-                                       unk_token=None, clean_up_tokenization_spaces=False, model_max_length=10**9)
-        with atomic_path(path) as tmp:
-            fast.save_pretrained(str(tmp))
-    return load_tokenizer(path)
+    texts = column(train, "text")
+    order, budget, chosen = sorted(range(len(texts)), key=lambda i: _u(seed, "tok", i)), 0, []
+    for i in order:
+        if budget >= max_chars:
+            break
+        chosen.append(texts[i])
+        budget += len(texts[i])
+    chosen, n_cut = bound_words(chosen)
+    key = config_hash([corpus_hash({"train": train}), vocab_size, seed, max_chars, 1]
+                      + ([f"bpe_word<={MAX_BPE_WORD}"] if n_cut else []))
+    if n_cut:
+        warnings.warn(f"train_tokenizer: {n_cut} run(s) of more than {MAX_BPE_WORD} characters without "
+                      f"whitespace were cut into {MAX_BPE_WORD}-character pieces for BPE training (its time "
+                      "grows quadratically with a word's length)", stacklevel=2)
+    return cached(cache_dir("tokenizers") / key, lambda p: _build_tokenizer(p, chosen, vocab_size),
+                  load_tokenizer, "tokenizer")
+
+
+MAX_BPE_WORD = 1000   # characters; longer whitespace-free runs are cut for tokenizer training
+_LONG_WORD = re.compile(r"\S{%d,}" % (MAX_BPE_WORD + 1))
+
+
+def bound_words(texts: list[str], max_word: int = MAX_BPE_WORD) -> tuple[list[str], int]:
+    """``texts`` with every whitespace-free run longer than ``max_word`` characters cut
+    into pieces of ``max_word`` (joined by newlines), and the number of runs cut."""
+    pat = _LONG_WORD if max_word == MAX_BPE_WORD else re.compile(r"\S{%d,}" % (max_word + 1))
+    n = 0
+
+    def cut(m):
+        nonlocal n
+        n += 1
+        w = m.group(0)
+        return "\n".join(w[i:i + max_word] for i in range(0, len(w), max_word))
+    return [pat.sub(cut, t) if len(t) > max_word else t for t in texts], n
+
+
+def _build_tokenizer(path, chosen, vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[BOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(chosen, trainer=trainer, length=len(chosen))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=BOS,
+                                   unk_token=None, clean_up_tokenization_spaces=False, model_max_length=10**9)
+    with atomic_path(path) as tmp:
+        fast.save_pretrained(str(tmp))
 
 
 def load_tokenizer(name_or_path):
@@ -380,9 +417,15 @@ def tokenize(dsd, tokenizer, n_ctx: int, batch_size: int = 1000):
         raise ValueError("tokenizer has neither a bos_token nor an eos_token to start chunks with")
     key = config_hash([corpus_hash(dsd), tokenizer_hash(tokenizer), n_ctx, batch_size, 1])
     path = cache_dir("tokenized") / key
-    if path.exists():
+
+    def load(path):
         with _datasets_bars():
             return datasets.load_from_disk(str(path))
+    return cached(path, lambda p: _pack_and_save(p, dsd, tokenizer, n_ctx, batch_size, bos), load, "tokenized corpus")
+
+
+def _pack_and_save(path, dsd, tokenizer, n_ctx, batch_size, bos):
+    import datasets
 
     def pack(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
@@ -407,8 +450,6 @@ def tokenize(dsd, tokenizer, n_ctx: int, batch_size: int = 1000):
     with atomic_path(path) as tmp, _datasets_bars():
         out.save_to_disk(str(tmp))
         del out
-    with _datasets_bars():
-        return datasets.load_from_disk(str(path))
 
 
 def token_array(ds) -> np.ndarray:

@@ -138,3 +138,196 @@ def test_runner_injects_numbers_for_scientific_notation(nbdir, tmp_path):
     nb = json.loads((out / "00_a.ipynb").read_text())
     text = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert "{'lm': {'lr': 0.001}}" in text
+
+
+# ----------------------------------------------------------------------------- cache entries
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from saelib import activations as A
+from saelib import utils
+
+
+def _old(path, seconds=3600):
+    t = time.time() - seconds
+    for p in [path, *path.rglob("*")]:
+        os.utime(p, (t, t))
+
+
+def _hold_lock_in_other_process(path, cache):
+    """Start a process that holds the entry lock of ``path``; returns it once the lock is held."""
+    code = ("import sys, time; from saelib import utils\n"
+            "with utils.entry_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "SAELIB_CACHE": str(cache)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_stale_temp_folders_are_removed_unless_a_live_writer_holds_the_entry(tmp_cache):
+    folder = utils.cache_dir("activations")
+    dead = folder / ".abc123.k2j4h5g6.tmp"          # the temp folder of a write that was killed
+    (dead / "abc123").mkdir(parents=True)
+    (dead / "abc123" / "acts.npy").write_bytes(b"\0" * 1000)
+    live = folder / ".def456.a1b2c3d4.tmp"          # a write in progress in another process
+    (live / "def456").mkdir(parents=True)
+    fresh = folder / ".ghi789.z9y8x7w6.tmp"          # just created: could be an unlocked (old-code) writer
+    fresh.mkdir()
+    _old(dead), _old(live)
+    proc = _hold_lock_in_other_process(folder / "def456", tmp_cache)
+    try:
+        utils.cache_dir("activations")
+        assert not dead.exists() and live.exists() and fresh.exists()
+    finally:
+        proc.kill(), proc.wait()
+    utils.cache_dir("activations")
+    assert not live.exists()
+
+
+def test_replacing_a_directory_entry_leaves_no_moment_without_it(tmp_path):
+    entry = tmp_path / "entry"
+    with utils.atomic_path(entry) as tmp:
+        tmp.mkdir(), (tmp / "x").write_text("0")
+    errors, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                (entry / "x").read_text()
+            except FileNotFoundError as e:
+                errors.append(e)
+    th = threading.Thread(target=reader)
+    th.start()
+    for i in range(200):
+        with utils.atomic_path(entry) as tmp:
+            tmp.mkdir(), (tmp / "x").write_text(str(i))
+    stop.set(), th.join()
+    assert not errors and (entry / "x").read_text() == "199"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]   # no .old / .tmp left
+
+
+def _build_slowly(path, log):
+    with open(log, "a") as f:
+        f.write("built\n")
+    time.sleep(1.0)
+    with utils.atomic_path(path) as tmp:
+        tmp.mkdir(), (tmp / "data.txt").write_text("payload")
+
+
+def test_two_processes_on_one_entry_build_once(tmp_cache, tmp_path):
+    entry, log = tmp_cache / "things" / "e1", tmp_path / "log"
+    code = ("import sys; sys.path.insert(0, sys.argv[3]); from test_robustness import _build_slowly\n"
+            "from saelib import utils\n"
+            "out = utils.cached(sys.argv[1], lambda p: _build_slowly(p, sys.argv[2]),"
+            " lambda p: (p / 'data.txt').read_text())\nprint(out)\n")
+    env = {**os.environ, "SAELIB_CACHE": str(tmp_cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(entry), str(log), os.path.dirname(__file__)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o.strip() for o, _ in outs] == ["payload", "payload"]
+    assert log.read_text() == "built\n"
+
+
+def test_checksum_catches_zeroed_block_and_truncation(tmp_path):
+    entry = tmp_path / "e"
+    with utils.atomic_path(entry) as tmp:
+        tmp.mkdir()
+        (tmp / "w.bin").write_bytes(np.random.default_rng(0).bytes(300_000))
+    assert utils.verify_entry(entry)
+    with open(entry / "w.bin", "r+b") as f:      # 100 KB overwritten with zeros, size unchanged
+        f.seek(100_000), f.write(b"\0" * 100_000)
+    utils._verified.clear()
+    with pytest.raises(utils.CacheEntryError, match=r"w\.bin.*checksum"):
+        utils.verify_entry(entry)
+    os.truncate(entry / "w.bin", 1000)
+    with pytest.raises(utils.CacheEntryError, match=r"w\.bin has 1000 bytes, 300000 were written"):
+        utils.verify_entry(entry)
+    single = tmp_path / "f.json"                 # a file entry: checksum beside it
+    single.write_text("{}")
+    utils.write_checksum(single)
+    assert utils.verify_entry(single)
+    single.write_text("[]")
+    with pytest.raises(utils.CacheEntryError, match="f.json"):
+        utils.verify_entry(single)
+
+
+def test_cached_rebuilds_a_damaged_or_unloadable_entry(tmp_cache):
+    entry, builds = tmp_cache / "things" / "e2", []
+
+    def build(p):
+        builds.append(1)
+        with utils.atomic_path(p) as tmp:
+            tmp.mkdir(), (tmp / "v.txt").write_text("12345")
+    load = lambda p: int((p / "v.txt").read_text())   # noqa: E731
+    assert utils.cached(entry, build, load) == 12345
+    (entry / "v.txt").write_text("99999")            # same size, other content
+    utils._verified.clear()
+    with pytest.warns(UserWarning, match=r"v\.txt does not match its checksum.*rebuilding"):
+        assert utils.cached(entry, build, load) == 12345
+    (entry / utils.CHECKSUM_FILE).unlink()           # an entry from before checksums, truncated
+    (entry / "v.txt").write_text("")
+    with pytest.warns(UserWarning, match=r"e2 cannot be loaded.*rebuilding"):
+        assert utils.cached(entry, build, load) == 12345
+    assert len(builds) == 3
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_positions=12, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _tokens():
+    x = torch.randint(1, 50, (20, 12), generator=torch.Generator().manual_seed(0))
+    x[:, 0] = 0
+    return x
+
+
+def test_damaged_activation_store_is_refused_by_name_and_rebuilt(tmp_cache, gpt):
+    store = A.collect(gpt, _tokens(), "blocks.1.resid_post", 150)
+    ref = np.array(store.acts)
+    path = store.path
+    with open(path / "acts.npy", "r+b") as f:
+        f.seek(1000), f.write(b"\0" * 2000)
+    utils._verified.clear()
+    with pytest.raises(ValueError, match=r"acts\.npy does not match its checksum"):
+        A.ActivationStore(path)
+    with pytest.warns(UserWarning, match=r"acts\.npy"):
+        again = A.collect(gpt, _tokens(), "blocks.1.resid_post", 150)
+    np.testing.assert_array_equal(np.array(again.acts), ref)
+    os.truncate(path / "acts.npy", 500)
+    with pytest.raises(ValueError, match=r"acts\.npy has 500 bytes"):
+        A.ActivationStore(path)
+    with pytest.warns(UserWarning, match=r"truncated"):
+        again = A.collect(gpt, _tokens(), "blocks.1.resid_post", 150)
+    np.testing.assert_array_equal(np.array(again.acts), ref)
+
+
+def test_collect_checks_free_space_before_writing(tmp_cache, gpt, monkeypatch):
+    import collections
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(A.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(OSError, match=r"needs .* MiB .* free"):
+        A.collect(gpt, _tokens(), "blocks.1.resid_post", 150)
+    assert not [p for p in utils.cache_dir("activations").iterdir()]   # no partial entry left
+
+
+def test_disk_full_while_writing_is_an_error_that_says_so(tmp_cache, gpt, monkeypatch):
+    import errno
+
+    def full(fd, off, n):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(A.os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="disk holding .* is full"):
+        A.collect(gpt, _tokens(), "blocks.1.resid_post", 150)
+    assert not [p for p in utils.cache_dir("activations").iterdir()]
