@@ -38,7 +38,8 @@ POSITIVE = frozenset("""
     steps batch_size lr lr_base n_layer n_embd n_head n_ctx eval_every eval_batches n_tokens vocab_size
     max_docs_per_domain max_chars_per_doc gen_tokens stat_tokens eval_tokens eval_rows lr_seqs n_boot k width
     widths n_experts n_active flop_matched_experts width_matched_experts min_expert_width max_points perplexity
-    n_features n_show rounds moe_every capacity_factor n_latents d_in n_seeds seeds_per_point
+    n_features n_show rounds moe_every capacity_factor n_latents d_in n_seeds seeds_per_point workers n_inner
+    total_width active_width scale_active factor
 """.split())
 # the kind of leaves that some profile leaves null (or an empty list): (python types, nullable)
 _NUM = (int, float)
@@ -48,6 +49,9 @@ HINTS = {
     "max_chars_per_doc": ((int,), True),
     "lr_base": (_NUM, True),
     "threads": ((int,), True),
+    "workers": ((int,), True),
+    "n_inner": ((int,), True),
+    "moe_every": ((int,), False),
     "capacity_factor": (_NUM, True),
     "router_aux_coef": (_NUM, False),
     "perplexity": (_NUM, False),
