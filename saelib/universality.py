@@ -252,3 +252,40 @@ def cylinder(n_params, aspect):
         raise ValueError("n_params and aspect must be > 0")
     d = np.cbrt(a * N / 12)
     return d, d / a, d * d / a
+
+
+# ----------------------------------------------------------------------------- tables
+def features_per_layer(frame, target: float, by=("model", "layer")):
+    """Per group (default: model and layer) of a width sweep ``frame`` (a DataFrame with
+    columns ``alive`` = latents active on held-out rows, ``fvu`` and ``n_latents``): the
+    features at the target FVU (:func:`features_at_fvu` on ``alive``), its status, and
+    the smallest swept ``n_latents`` whose FVU reaches the target (the largest if none
+    does) as ``chosen_latents``. Returns a DataFrame with the group columns plus
+    ``F, status, chosen_latents``."""
+    import pandas as pd
+
+    rows = []
+    for key, g in frame.groupby(list(by), sort=False):
+        g = g.sort_values("n_latents")
+        r = features_at_fvu(g["alive"].clip(lower=1), g["fvu"], target)
+        ok = g[g["fvu"] <= target]
+        chosen = int(ok["n_latents"].iloc[0]) if len(ok) else int(g["n_latents"].iloc[-1])
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "F": r["F"], "status": r["status"],
+                     "chosen_latents": chosen})
+    return pd.DataFrame(rows)
+
+
+def bootstrap_ci(x, stat=np.median, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, tuple]:
+    """``stat(x)`` and its percentile bootstrap interval over the entries of ``x``
+    (NaN dropped). Fewer than two values -> ``(stat, (nan, nan))``."""
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return math.nan, (math.nan, math.nan)
+    s = float(stat(x))
+    if x.size < 2 or n_boot < 1:
+        return s, (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    boots = np.array([stat(x[rng.integers(0, x.size, x.size)]) for _ in range(n_boot)])
+    a = (1 - level) / 2
+    return s, (float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a)))

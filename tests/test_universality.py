@@ -89,3 +89,16 @@ def test_cylinder_neurons_at_fixed_params():
     d, L, neurons = U.cylinder(12 * 32 ** 2 * 8, np.array([4.0, 32.0]))
     np.testing.assert_allclose(d, [32, 64]) and np.testing.assert_allclose(L, [8, 2])
     np.testing.assert_allclose(neurons, [256, 128])      # 8x the aspect ratio, half the neurons
+
+
+def test_features_per_layer_and_bootstrap():
+    import pandas as pd
+
+    n = np.array([100, 200, 400])
+    f = pd.DataFrame({"model": "A", "layer": [0] * 3 + [1] * 3, "n_latents": list(n) * 2, "alive": list(n) * 2,
+                      "fvu": list(0.5 * (n / 100.0) ** -0.5) + list(0.2 * (n / 100.0) ** -0.5)})
+    t = U.features_per_layer(f, 0.3)
+    assert list(t.layer) == [0, 1] and list(t.chosen_latents) == [400, 100]
+    assert t.F.iloc[0] == pytest.approx(100 * (0.3 / 0.5) ** -2) and t.status.iloc[1] == "extrapolated (below)"
+    s, (lo, hi) = U.bootstrap_ci(np.arange(101.0), n_boot=200)
+    assert s == 50 and lo < 50 < hi
