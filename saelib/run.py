@@ -146,6 +146,9 @@ def build_book(profile: str, chapter_dir: Path | None = None) -> Path:
                 print(f"  note: no {profile} run of {nb.stem}; using the committed full-profile chapter")
             shutil.copy2(mine if mine.exists() else nb, src / "book" / "chapters" / nb.name)
         out = stage
+    from saelib import scorecard                  # the scorecard page, from the chapters being built
+
+    scorecard.write(src / "book" / "chapters", src / "book" / "scorecard.md", src)
     cmd = jupyter_book_cmd() + ["build", str(src), "--path-output", str(out), "-W", "-n", "--keep-going"]
     print("$", " ".join(str(c) for c in cmd), flush=True)
     subprocess.run(cmd, check=True)
