@@ -74,9 +74,10 @@ TOPK_KINDS = ("topk", "batchtopk", "switch", "scale")
 MOE_KINDS = ("switch", "scale")
 DECOMPOSITIONS = ("mean", "identity", "learned")
 BALANCE_SCALES = ("raw", "normalized")   # what the load-balancing term is weighed against (build docstring)
-# L1 coefficients for inputs scaled to E||x||^2 = d_in (train.fit(normalize="unit")), chosen on
+# L1 coefficients for inputs scaled to E||x||^2 = d_in, which train.fit does by default
+# (normalize="unit"), so build + fit with no options work on activations of any scale. Chosen on
 # the planted-dictionary data of tests/test_train.py (planted L0 4.5): relu reaches L0 ~7-8,
-# gated L0 ~5-6, both with mmcs > 0.97. Lower them when tokens carry many more features.
+# gated L0 ~5-6, both with mmcs > 0.97. With normalize=None they assume that scale themselves.
 DEFAULT_L1 = {"relu": 2.0, "gated": 3.0}
 WEIGHTS_FILE, CONFIG_FILE = "sae.safetensors", "config.json"
 SAELENS_WEIGHTS, SAELENS_CFG = "sae_weights.safetensors", "cfg.json"
@@ -117,7 +118,8 @@ def build(kind: str, *, d_in: int, n_latents: int, k: int | None = None, n_exper
     scale). ``k``: latents kept per row (TopK kinds). ``n_active``: experts per row (1 for
     switch, default 2 for scale). ``feature_scaling`` (scale only, default True) and
     ``decomposition`` in :data:`DECOMPOSITIONS`. ``l1_coef`` (relu, gated; default
-    :data:`DEFAULT_L1`, meant for inputs with E||x||^2 = d_in). ``alpha``: load-balancing
+    :data:`DEFAULT_L1`, meant for inputs with E||x||^2 = d_in, which ``train.fit``'s default
+    ``normalize="unit"`` provides). ``alpha``: load-balancing
     weight (switch, scale). ``balance_scale`` (switch, scale): ``"raw"`` (default, the
     papers' convention) weighs ``alpha * d * L_aux`` against the reconstruction error of the
     *raw* activations, also when training on inputs scaled by ``s = norm_scaling_factor``

@@ -7,10 +7,17 @@
 * ``lr`` defaults to ``2e-4 / sqrt(n_latents / 2**14)`` (Gao et al. 1/sqrt(M) law),
   constant, then linear decay to 0 over the last 20% of steps.
 * Optional AuxK (Gao et al. app. B.1): ``k_aux = d_in // 2`` dead latents, coefficient 1/32.
-* ``normalize="unit"`` scales inputs by ``s = sqrt(d_in / E||x||^2)`` estimated on the
+* ``normalize="unit"`` (the default) scales inputs by ``s = sqrt(d_in / E||x||^2)`` estimated on the
   sample (Anthropic April-2024 update, SAELens ``expected_average_only_in``); ``s`` is
   stored as ``sae.config["norm_scaling_factor"]`` and applied inside ``sae(x)``, so the
   SAE still takes and returns raw activations and save/load/metrics stay consistent.
+  It is the default so that ``saes.build`` + ``fit`` with no options work on activations
+  of any scale: the default L1 coefficients (``saes.DEFAULT_L1``), the load-balancing
+  weight ``alpha * d`` and the learning-rate law all assume inputs with E||x||^2 = d_in.
+  ``normalize=None`` trains on the raw scale.
+* FVU of data without variance (constant rows, all zeros, a one-row batch) is NaN
+  (:func:`fvu_ratio`), never a huge number; all-zero data with ``normalize="unit"``
+  and non-finite data raise a ValueError before the first step.
 * A latent is dead when it has not fired in the last ``dead_window`` tokens, default
   ``min(10**6, steps * batch_size // 5)`` (and at least one batch): 1M tokens as in the
   papers, scaled down so a short run can still see latents die.
@@ -163,14 +170,40 @@ def _optimizer(params, lr):
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
+FVU_REL_TOL = 1e-9   # FVU is undefined (NaN) when the variance is below this fraction of E||x||^2
+
+
+def fvu_ratio(sq_err: float, var: float, mean_sq: float, rel_tol: float = FVU_REL_TOL) -> float:
+    """FVU = ``sq_err / var`` (per-row squared error over the total variance ``sum_i Var(x_i)``),
+    and the one convention for data without variance: NaN when ``var <= rel_tol * mean_sq``
+    (``mean_sq = E||x||^2``; constant rows, a one-row batch, all zeros), since below that the
+    variance is rounding noise and the ratio would be 1e17 or more, not a measurement."""
+    if not var > rel_tol * mean_sq or not var > 0:
+        return float("nan")
+    return sq_err / var
+
+
+def _check_sample(sample, normalize):
+    """Refuse data training cannot use, before any step: non-finite values, and (with
+    ``normalize="unit"``) rows that are all zero."""
+    if not bool(torch.isfinite(sample).all()):
+        raise ValueError("data holds NaN or inf values (found in the sample used to initialise the SAE); "
+                         "clean the activations before training")
+    if normalize == "unit" and not float(sample.double().pow(2).sum(1).mean()) > 0:
+        raise ValueError("data: every sampled row is zero, so normalize='unit' cannot scale the inputs to "
+                         "E||x||^2 = d_in and there is nothing to reconstruct; training cannot proceed")
+
+
 def _batch_stats(sae, x, out, recon):
     """mse and fvu from the step's ``recon`` (mean_b ||(x - x_hat) s||^2) and the batch
     variance (float64 accumulation): no further pass over the error."""
     with torch.no_grad():
         x = x.reshape(-1, sae.d_in)
         s2d = sae.norm_scaling_factor ** 2
-        var = float(x.var(0, correction=0).double().sum())   # sum_i Var(x_i)
-        st = {"mse": recon / (s2d * sae.d_in), "fvu": recon / s2d / max(var, 1e-30), "l0": out.l0}
+        var, mean = torch.var_mean(x, 0, correction=0)
+        var = float(var.double().sum())                      # sum_i Var(x_i)
+        sq = var + float(mean.double().square().sum())        # E ||x||^2
+        st = {"mse": recon / (s2d * sae.d_in), "fvu": fvu_ratio(recon / s2d, var, sq), "l0": out.l0}
         if out.expert_idx is not None:
             st["expert_load"] = sae.expert_load(out).double().cpu()
         return st
@@ -181,7 +214,7 @@ def _batch_stats(sae, x, out, recon):
 # ---------------------------------------------------------------------------
 def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None = None, seed: int = 0,
         log_every: int | None = None, aux_k: bool | int = False, aux_k_coef: float = 1 / 32,
-        normalize: str | None = None, dead_window: int | None = None, checkpoint_path=None,
+        normalize: str | None = "unit", dead_window: int | None = None, checkpoint_path=None,
         checkpoint_every: int | None = None, device="auto", progress: bool = True,
         sample_size: int = SAMPLE_ROWS) -> pd.DataFrame:
     """Train ``sae`` in place on ``data`` (tensor ``[n, d_in]`` or activation store) and
@@ -191,7 +224,8 @@ def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None =
     ``step``, ``tokens``; ``loss`` (total) and its parts ``recon`` (mean ||x s - x_hat s||^2,
     normalised units), ``l1``, ``aux_recon``, ``lb``, ``auxk`` where the kind has them;
     ``mse`` (mean squared error per element, raw units, [scale] eq. A.1), ``fvu``
-    (fraction of variance unexplained), ``l0``; ``dead_frac`` (fraction of latents silent
+    (fraction of variance unexplained; NaN for a batch without variance, see
+    :func:`fvu_ratio`), ``l0``; ``dead_frac`` (fraction of latents silent
     for ``dead_window`` tokens, at the end of the interval); ``lr``; switch/scale:
     ``expert_load`` (list, f_i per expert) and, with feature scaling, ``omega`` (list);
     batchtopk: ``threshold``; ``wall_time`` (seconds since the run began, summed over
@@ -262,6 +296,7 @@ def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None =
     else:
         utils.set_seed(seed)
         sample = _sample(data, sample_size, seed).to(dev)
+        _check_sample(sample, normalize)
         if normalize == "unit":
             sae.config["norm_scaling_factor"] = math.sqrt(sae.d_in / float(sample.double().pow(2).sum(1).mean()))
         with torch.no_grad():

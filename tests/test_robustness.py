@@ -1,5 +1,6 @@
 """Issue 10: parameters checked before work, degenerate data, corpus faults, runner faults."""
 import json
+import math
 
 import pytest
 import yaml
@@ -331,3 +332,58 @@ def test_disk_full_while_writing_is_an_error_that_says_so(tmp_cache, gpt, monkey
     with pytest.raises(OSError, match="disk holding .* is full"):
         A.collect(gpt, _tokens(), "blocks.1.resid_post", 150)
     assert not [p for p in utils.cache_dir("activations").iterdir()]
+
+
+# ----------------------------------------------------------------------------- defaults, degenerate data
+from saelib import metrics, saes, train
+
+
+def _planted(n=8192, d=64, n_feat=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = torch.nn.functional.normalize(torch.randn(n_feat, d, generator=g), dim=-1)
+    on = torch.rand(n, n_feat, generator=g) < 4 / n_feat
+    codes = on * (torch.rand(n, n_feat, generator=g) * 1.5 + 0.5)
+    return codes @ D
+
+
+@pytest.mark.parametrize("kind", ["relu", "gated"])
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_build_and_fit_defaults_compose_on_any_scale(kind, scale, one_thread):
+    """build(kind) + fit with no options (only a shorter run) give a working SAE on raw activations."""
+    x = _planted() * scale
+    sae = saes.build(kind, d_in=64, n_latents=512)
+    hist = train.fit(sae, x, steps=150, progress=False)
+    res = metrics.evaluate_sae(sae, x[:4096])
+    assert 1.0 < res["l0"] < 64 and res["fvu"] < 0.5, res
+    assert hist.fvu.iloc[-1] < 0.5
+
+
+def test_zero_data_is_refused_before_training():
+    with pytest.raises(ValueError, match="every sampled row is zero"):
+        train.fit(saes.build("topk", d_in=8, n_latents=16, k=2), torch.zeros(512, 8), steps=5, batch_size=64,
+                  normalize="unit", progress=False)
+    bad = torch.randn(512, 8)
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        train.fit(saes.build("topk", d_in=8, n_latents=16, k=2), bad, steps=5, batch_size=64, progress=False)
+
+
+@pytest.mark.parametrize("normalize", [None, "unit"])
+def test_fvu_without_variance_is_nan_in_history_and_metrics(normalize):
+    const = torch.full((512, 8), 3.7) + torch.arange(8.0)
+    sae = saes.build("topk", d_in=8, n_latents=16, k=2)
+    hist = train.fit(sae, const, steps=10, batch_size=64, normalize=normalize, progress=False)
+    assert hist.fvu.isna().all() and hist.mse.notna().all()
+    assert math.isnan(metrics.evaluate_sae(sae, const)["fvu"])
+
+
+def test_one_row_batches_log_nan_fvu_not_huge_numbers():
+    x = torch.randn(256, 8)
+    hist = train.fit(saes.build("topk", d_in=8, n_latents=16, k=2), x, steps=10, batch_size=1, progress=False)
+    assert hist.fvu.isna().all() and hist.loss.notna().all()
+
+
+def test_fvu_ratio_convention():
+    assert train.fvu_ratio(1.0, 4.0, 10.0) == 0.25
+    assert math.isnan(train.fvu_ratio(1.0, 0.0, 0.0))
+    assert math.isnan(train.fvu_ratio(1e-20, 1e-16, 1e2))     # rounding noise, not variance
