@@ -192,17 +192,67 @@ def _load_hf(spec: str, max_docs=None, seed=0) -> dict[str, tuple[list[str], lis
     return {(name.split("/")[-1] + (f"-{config}" if config else "")): (ids, texts)}
 
 
+def decode_text(raw: bytes) -> str | None:
+    """Text of a file's bytes, or None for a binary file.
+
+    Binary: a NUL byte, or more than 10% control characters other than tab/newline/CR/FF,
+    in the first 64 KB. Text: UTF-8 (with or without BOM) when it decodes strictly, UTF-16
+    with a BOM, else the encoding ``charset_normalizer`` detects (cp1252 when it is among the
+    equally good fits, as short Western text fits cp1250/cp1252/... alike); None when no
+    encoding fits."""
+    head = raw[:65536]
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):      # UTF-16 with BOM: NULs are expected
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            return None
+    if b"\x00" in head:
+        return None
+    ctrl = sum(1 for b in head if b < 32 and b not in (9, 10, 12, 13))
+    if head and ctrl > 0.1 * len(head):
+        return None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    from charset_normalizer import from_bytes
+
+    found = list(from_bytes(raw))
+    if not found:
+        return None
+    least = min(m.chaos for m in found)   # short Western text fits several code pages equally:
+    for m in found:                       # take cp1252 (Latin-1's superset) when it is among the best
+        if m.encoding == "cp1252" and m.chaos <= least:
+            return str(m)
+    return str(from_bytes(raw).best())
+
+
 def _load_files(pattern: str) -> dict[str, tuple[list[str], list[str]]]:
     paths = sorted(p for p in _glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
     if not paths:
         raise FileNotFoundError(f"corpus='files:{pattern}': the glob matches no files")
     out: dict[str, tuple[list[str], list[str]]] = {}
+    skipped = []
     for p in paths:
         raw = Path(p).read_bytes()
-        text = (gzip.decompress(raw) if p.endswith(".gz") else raw).decode("utf-8", errors="replace").strip()
+        if p.endswith(".gz"):
+            try:
+                raw = gzip.decompress(raw)
+            except (OSError, EOFError) as e:
+                skipped.append(f"{p} (not valid gzip: {e})")
+                continue
+        text = decode_text(raw)
+        if text is None:
+            skipped.append(f"{p} (binary or of unknown encoding)")
+            continue
         dom = Path(p).parent.name or "files"
         out.setdefault(dom, ([], []))
-        out[dom][0].append(p), out[dom][1].append(text)
+        out[dom][0].append(p), out[dom][1].append(text.strip())
+    if skipped:
+        warnings.warn(f"corpus='files:{pattern}': skipped {len(skipped)} file(s) that are not text: "
+                      + "; ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""), stacklevel=3)
+    if not out:
+        raise ValueError(f"corpus='files:{pattern}': none of the {len(paths)} matched files is text")
     return out
 
 
@@ -277,6 +327,14 @@ def load_corpus(corpus: str = "minipile", domains=None, max_docs_per_domain=None
         for i in sorted(range(len(ids)), key=lambda i: _u("order", ids[i])):
             c = cols[splits[i]]
             c["text"].append(texts[i]), c["domain"].append(dom), c["id"].append(ids[i])
+    for split, frac in zip(SPLITS, fractions):
+        if frac > 0 and not cols[split]["text"]:
+            n_docs = sum(len(cols[s]["text"]) for s in SPLITS)
+            why = (f"max_docs_per_domain={max_docs_per_domain} keeps {n_docs} document(s)"
+                   if max_docs_per_domain is not None else f"the corpus has {n_docs} document(s)")
+            raise ValueError(f"load_corpus: split {split!r} would be empty: {why}, too few for fractions="
+                             f"{tuple(fractions)}; use max_docs_per_domain >= 3 (one document per split and "
+                             "domain at the least) or more documents")
     feats = datasets.Features({k: datasets.Value("string") for k in ("text", "domain", "id")})
     return datasets.DatasetDict({s: datasets.Dataset.from_dict(c, features=feats) for s, c in cols.items()})
 
@@ -445,6 +503,11 @@ def _pack_and_save(path, dsd, tokenizer, n_ctx, batch_size, bos):
     with _datasets_bars(enabled=True):
         out = {s: ds.map(pack, batched=True, batch_size=batch_size, remove_columns=ds.column_names,
                          features=feats, desc=f"tokenize {s}") for s, ds in dsd.items()}
+    empty = [s for s, ds in out.items() if len(ds) == 0]
+    if empty:   # refuse before writing: an empty split is an entry that does not load back
+        have = {s: sum(len(t) for t in column(dsd[s], "text")) for s in empty}
+        raise ValueError(f"tokenize: split(s) {empty} give no row of n_ctx={n_ctx} tokens (characters: {have}); "
+                         "use more documents (data.max_docs_per_domain, max_chars_per_doc) or a smaller n_ctx")
     with _datasets_bars():
         out = datasets.DatasetDict({s: ds.shuffle(seed=0).flatten_indices() for s, ds in out.items()})
     with atomic_path(path) as tmp, _datasets_bars():

@@ -387,3 +387,52 @@ def test_fvu_ratio_convention():
     assert train.fvu_ratio(1.0, 4.0, 10.0) == 0.25
     assert math.isnan(train.fvu_ratio(1.0, 0.0, 0.0))
     assert math.isnan(train.fvu_ratio(1e-20, 1e-16, 1e2))     # rounding noise, not variance
+
+
+# ----------------------------------------------------------------------------- corpus faults
+from saelib import data
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_data import write_files  # noqa: E402
+
+
+def test_corpus_leaving_a_split_empty_is_refused_before_writing(tmp_path, tmp_cache):
+    spec = write_files(tmp_path / "txt", n_docs=5)
+    with pytest.raises(ValueError, match=r"split 'validation' would be empty: max_docs_per_domain=1 keeps 2"):
+        data.load_corpus(spec, max_docs_per_domain=1)
+    assert data.load_corpus(spec, max_docs_per_domain=3)["validation"].num_rows == 2
+
+
+def test_tokenize_refuses_a_split_without_rows_and_writes_nothing(tmp_path, tmp_cache):
+    dsd = data.load_corpus(write_files(tmp_path / "txt", n_docs=30))
+    tok = data.train_tokenizer(dsd, vocab_size=300)
+    with pytest.raises(ValueError, match=r"split\(s\) \['validation', 'test'\] give no row of n_ctx=4096"):
+        data.tokenize(dsd, tok, n_ctx=4096)
+    assert not [p for p in utils.cache_dir("tokenized").iterdir()]
+
+
+def test_binary_files_are_skipped_and_latin1_is_decoded(tmp_path, tmp_cache):
+    root = tmp_path / "mixed"
+    spec = write_files(root, n_docs=10).replace("*.txt", "*")
+    (root / "alpha" / "prog.bin").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 40)
+    (root / "alpha" / "noise.dat").write_bytes(np.random.default_rng(0).bytes(5000))
+    (root / "beta" / "fr.txt").write_bytes("le café est très chaud, la crème brûlée aussi. " .encode("latin-1") * 5)
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\).*noise\.dat.*prog\.bin"):
+        dsd = data.load_corpus(spec, fractions=(1.0, 0.0, 0.0))
+    texts = data.column(dsd["train"], "text")
+    assert not any("\x00" in t or "\ufffd" in t for t in texts)
+    assert any("le café est très chaud" in t for t in texts)
+    assert data.decode_text("déjà vu".encode("utf-8")) == "déjà vu"
+    assert data.decode_text("naïve".encode("utf-16")) == "naïve"
+
+
+def test_tokenizer_training_bounds_a_huge_word(tmp_path, tmp_cache):
+    import datasets
+    texts = ["plain words here and there " * 20] * 20 + ["x" * 30_000 + " end"]
+    dsd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts, "domain": ["a"] * 21,
+                                                                      "id": [str(i) for i in range(21)]})})
+    with pytest.warns(UserWarning, match=r"1 run\(s\) of more than 1000 characters"):
+        tok = data.train_tokenizer(dsd, vocab_size=300)
+    assert tok.decode(tok("x" * 5000)["input_ids"]) == "x" * 5000     # still encodes any text
+    cut, n = data.bound_words(["ab" * 3 + " " + "c" * 25], max_word=10)
+    assert n == 1 and cut[0] == "ababab " + "\n".join(["c" * 10, "c" * 10, "c" * 5])
