@@ -488,6 +488,60 @@ def format_table(df: pd.DataFrame) -> str:
     return show.to_string(index=False)
 
 
+def sweep_throughput(d: int = 128, n_latents: int = 2048, k: int = 32, n_experts: int = 16, n_saes: int = 4,
+                     steps: int = 400, batch_size: int = 2048, workers=(1, 2), seed: int = 0) -> pd.DataFrame:
+    """SAEs per minute when independent SAEs train one after another (``workers=1``)
+    and side by side (:func:`saelib.sweep.sweep` with ``workers=N``, one torch thread
+    each), measured in one call at the chapter 01 shape by default (d=128, 2048
+    latents, k=32, 400 steps of 2048 rows): ``n_saes`` SAEs, alternately TopK and a
+    width-matched Switch SAE with ``n_experts`` experts, each with its own seed, on
+    Gaussian data [``steps * batch_size``, d]. Each worker count trains into a fresh
+    temporary cache (nothing is a cache hit).
+
+    Returns a DataFrame: ``workers``, ``n_saes``, ``seconds`` (wall clock of the sweep;
+    the worker processes are started before, :func:`saelib.pool.warm`, once per
+    notebook in real use), ``startup_s`` (that start-up), ``saes_per_min``, ``speedup``
+    (vs the first worker count), ``identical`` (every SAE's weights equal the first
+    count's, bit for bit) and ``loadavg`` (1-min load average before the sweep).
+    Raises ValueError for bad sizes or worker counts."""
+    import os
+    import tempfile
+
+    from . import pool, sweep as sweep_mod
+
+    for name, v in dict(d=d, n_latents=n_latents, k=k, n_saes=n_saes, steps=steps, batch_size=batch_size).items():
+        check_positive_int(name, v)
+    workers = [pool.resolve_workers(w) for w in workers]
+    x = torch.randn(steps * batch_size, d, generator=torch.Generator().manual_seed(seed))
+    specs = [dict(kind="topk", n_latents=n_latents, k=k, seed=seed + i) if i % 2 == 0 else
+             dict(kind="switch", n_latents=n_latents, k=k, n_experts=n_experts, seed=seed + i) for i in range(n_saes)]
+    rows, first = [], None
+    old = os.environ.get("SAELIB_CACHE")
+    try:
+        for w in workers:
+            with tempfile.TemporaryDirectory(prefix="saelib-sweep-bench-") as tmp:
+                os.environ["SAELIB_CACHE"] = tmp
+                startup = pool.warm(w, 1)
+                load = _loadavg()
+                t0 = time.perf_counter()
+                runs = sweep_mod.sweep(x, specs, steps=steps, batch_size=batch_size, workers=w, threads=1,
+                                       desc=f"{w} worker(s)")
+                sec = time.perf_counter() - t0
+                states = [r.sae.state_dict() for r in runs]
+            first = states if first is None else first
+            same = all(torch.equal(a[n], b[n]) for a, b in zip(first, states) for n in a)
+            rows.append(dict(workers=w, n_saes=n_saes, seconds=sec, startup_s=startup, saes_per_min=60 * n_saes / sec,
+                             identical=same, loadavg=load))
+    finally:
+        if old is None:
+            os.environ.pop("SAELIB_CACHE", None)
+        else:
+            os.environ["SAELIB_CACHE"] = old
+    df = pd.DataFrame(rows)
+    df["speedup"] = df.seconds.iloc[0] / df.seconds
+    return df[["workers", "n_saes", "seconds", "startup_s", "saes_per_min", "speedup", "identical", "loadavg"]]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m saelib.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", action="append", choices=list(SHAPES),

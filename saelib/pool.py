@@ -12,9 +12,11 @@ later one fails, and then load the results in the parent.
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 from .utils import progress
 
@@ -43,6 +45,18 @@ def _init_worker(threads: int) -> None:
 
     torch.set_num_threads(threads)
     os.environ["SAELIB_IN_WORKER"] = "1"
+
+
+ENV_KEYS = ("SAELIB_CACHE", "SAELIB_QUIET", "CI")   # read at each call: the pool outlives changes to them
+
+
+def _call(fn, item, env: dict):
+    for k in ENV_KEYS:
+        if env.get(k) is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = env[k]
+    return fn(item)
 
 
 class WorkerError(RuntimeError):
@@ -89,23 +103,71 @@ def map_processes(fn, items: list, *, workers: int | None = None, threads: int =
             torch.set_num_threads(before)
             bar.close()
         return results
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=ctx, initializer=_init_worker,
-                             initargs=(threads,)) as ex:
-        futures = {ex.submit(fn, item): i for i, item in enumerate(items)}
-        pending = set(futures)
-        try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    i = futures[f]
-                    err = f.exception()
-                    if err is not None:
-                        for p in pending:
-                            p.cancel()
-                        raise WorkerError(f"{desc}: item {labels[i]!r} failed: {type(err).__name__}: {err}") from err
-                    results[i] = f.result()
-                    bar.update(1)
-        finally:
-            bar.close()
+    ex = _executor(workers, threads)
+    env = {k: os.environ.get(k) for k in ENV_KEYS}
+    futures = {ex.submit(_call, fn, item, env): i for i, item in enumerate(items)}
+    pending = set(futures)
+    try:
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for f in done:
+                i = futures[f]
+                err = f.exception()
+                if err is not None:
+                    for p in pending:
+                        p.cancel()
+                    wait(pending)
+                    if isinstance(err, BrokenProcessPool):
+                        shutdown()
+                    raise WorkerError(f"{desc}: item {labels[i]!r} failed: {type(err).__name__}: {err}") from err
+                results[i] = f.result()
+                bar.update(1)
+    finally:
+        bar.close()
     return results
+
+
+_EXECUTORS: dict = {}
+
+
+def _executor(workers: int, threads: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` spawned processes with ``threads`` torch threads each, kept
+    for the next call (starting a worker imports torch and saelib: seconds, paid once per
+    notebook rather than once per sweep); closed at exit or by :func:`shutdown`."""
+    key = (workers, threads)
+    ex = _EXECUTORS.get(key)
+    if ex is None or getattr(ex, "_broken", False) or getattr(ex, "_shutdown_thread", False):
+        ex = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(threads,))
+        _EXECUTORS[key] = ex
+    return ex
+
+
+def _ready(_):
+    import saelib.sweep  # noqa: F401  (what a sweep item imports anyway)
+    return os.getpid()
+
+
+def warm(workers: int | None = None, threads: int = 1) -> float:
+    """Start the pool of ``workers`` processes now (each imports torch and saelib) and
+    return the seconds it took; later :func:`map_processes` calls with the same
+    ``workers``/``threads`` find it running. With one worker nothing starts (0.0)."""
+    import time
+
+    workers = resolve_workers(workers)
+    if workers == 1:
+        return 0.0
+    t0 = time.perf_counter()
+    ex = _executor(workers, threads)
+    list(ex.map(_ready, range(workers)))
+    return time.perf_counter() - t0
+
+
+def shutdown() -> None:
+    """Stop every worker pool this process started (they restart on the next call)."""
+    while _EXECUTORS:
+        _, ex = _EXECUTORS.popitem()
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+atexit.register(shutdown)
