@@ -1,0 +1,164 @@
+"""saelib.specialization: chapter 02's token classes, omega law, overlap shapes, case study."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from saelib import interp, saes
+from saelib import specialization as S
+
+
+class FakeTokenizer:
+    """decode([i]) -> PIECES[i]; len() -> vocabulary size (what word_ends needs)."""
+    PIECES = ["<bos>", "The", " call", "ed", " dog", ".", " us", "e", "d", " need", " Walk", "\n"]
+
+    def __len__(self):
+        return len(self.PIECES)
+
+    def decode(self, ids):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+TOK = FakeTokenizer()
+# "<bos>The called dog. used need Walked\n"
+ROW = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 3, 11]
+
+
+def test_word_ends_joins_bpe_pieces_and_marks_the_last_token():
+    we = S.word_ends(torch.tensor([ROW]), TOK)
+    assert we.word.tolist() == ["the", "called", "dog", "used", "need", "walked"]
+    assert we.pos.tolist() == [1, 3, 4, 8, 9, 11]          # the last token of each word
+    assert (we.seq == 0).all()
+
+
+def test_word_ends_rejects_non_matrix():
+    with pytest.raises(ValueError, match="n_seq, n_ctx"):
+        S.word_ends(torch.tensor(ROW), TOK)
+
+
+def test_domain_word_counts_and_past_tense_class():
+    texts = ["I called and used it. Need a call, use.", "We called a hundred. It used a bed; call use need",
+             "called used walked hundred sacred need"]
+    counts = S.domain_word_counts(texts, ["a", "b", "c"])
+    assert counts.loc["called"].tolist() == [1, 1, 1] and counts.loc["walked"].tolist() == [0, 0, 1]
+    cls = S.past_tense_class(counts, min_count=1, min_len=4)
+    # called/used: base form present and in every domain; walked: one domain; hundred/sacred: no base;
+    # need: -eed; bed: too short
+    assert sorted(cls.index) == ["called", "used"]
+    assert cls.loc["used", "base"] == "use" and cls.loc["called", "base"] == "call"
+    with pytest.raises(ValueError, match="same length"):
+        S.domain_word_counts(["x"], ["a", "b"])
+
+
+def test_class_rows_finds_member_ends_in_a_store():
+    T = torch.tensor([ROW, ROW])
+    seq, pos = np.nonzero(np.ones((2, len(ROW)), bool)[:, :])
+    keep = pos > 0
+    store = SimpleNamespace(seq=seq[keep], pos=pos[keep], tokens=T.numpy()[seq[keep], pos[keep]])
+    rows = S.class_rows(store, T, TOK, ["called", "walked"])
+    assert [(store.seq[r], store.pos[r]) for r in rows] == [(0, 3), (0, 11), (1, 3), (1, 11)]
+    bad = SimpleNamespace(seq=store.seq, pos=store.pos, tokens=store.tokens + 1)
+    with pytest.raises(ValueError, match="do not match"):
+        S.class_rows(bad, T, TOK, ["called"])
+
+
+def test_split_by_domain_and_kept_positions():
+    import datasets
+
+    feats = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=3), "domain": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"input_ids": [[0, 1, 2], [0, 3, 4], [0, 0, 5]], "domain": ["a", "b", "a"]}, features=feats)
+    tr, ho = S.split_by_domain(ds, "b")
+    assert tr.tolist() == [[0, 1, 2], [0, 0, 5]] and ho.tolist() == [[0, 3, 4]]
+    assert S.kept_positions(tr, bos=0) == 3            # position 0 and the inner BOS are skipped
+    with pytest.raises(ValueError, match="holdout='z'"):
+        S.split_by_domain(ds, "z")
+
+
+def test_omega_trace_final_and_law():
+    hist = pd.DataFrame({"step": [1, 2], "omega": [[0.0, 0.2], [0.1, 0.3]]})
+    tr = S.omega_trace(hist)
+    assert np.allclose(tr["mean"], [0.1, 0.2]) and np.allclose(tr["min"], [0.0, 0.1]) and np.allclose(tr["max"], [0.2, 0.3])
+    with pytest.raises(ValueError, match="without feature scaling"):
+        S.omega_trace(pd.DataFrame({"step": [1]}))
+    e = np.array([1, 2, 4, 8, 16])
+    law = S.fit_omega_law(e, 0.1 * e ** 0.5, n_boot=0)
+    assert law["rho"] == pytest.approx(1.0) and law["b"] == pytest.approx(0.5) and law["r2"] == pytest.approx(1.0)
+    down = S.fit_omega_law(e, 1.0 / e, n_boot=0)
+    assert down["rho"] == pytest.approx(-1.0) and down["b"] == pytest.approx(-1.0)
+    assert math.isnan(S.fit_omega_law(e, -e, n_boot=0)["b"])   # no positive omega: no power law
+    sae = saes.build("scale", d_in=8, n_latents=32, k=4, n_experts=4, n_active=2)
+    with torch.no_grad():
+        sae.omega.copy_(torch.tensor([0.0, 0.1, 0.2, 0.3]))
+    assert S.omega_final(sae) == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="no omega"):
+        S.omega_final(saes.build("scale", d_in=8, n_latents=32, k=4, n_experts=4, feature_scaling=False))
+
+
+def test_instability_smooth_vs_jumpy():
+    smooth = pd.DataFrame({"mse": np.geomspace(1.0, 0.5, 40)})
+    jumpy = pd.DataFrame({"mse": np.geomspace(1.0, 0.5, 40) * np.tile([1.0, 1.3], 20)})
+    assert S.instability(smooth) == pytest.approx(0.0, abs=1e-12)
+    assert S.instability(jumpy) > 0.1
+    with pytest.raises(ValueError, match="last"):
+        S.instability(smooth, last=0)
+
+
+def test_top_share():
+    assert S.top_share(torch.tensor([10, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 0.1) == pytest.approx(1.0)
+    assert S.top_share(torch.ones(10), 0.1) == pytest.approx(0.1)
+    assert S.top_share(torch.tensor([1, 3]), 0.1) == pytest.approx(0.75)     # at least one expert
+
+
+def test_overlap_stats_hand_cases():
+    st = S.overlap_stats([10, 2, 5, 1])
+    assert st["bimodal"] and st["primary_at_zero"] and st["second_mode"] == 2
+    assert st["zero_share"] == pytest.approx(10 / 18)
+    assert st["mean_nonzero"] == pytest.approx((1 * 2 + 2 * 5 + 3 * 1) / 8)
+    mono = S.overlap_stats([10, 5, 2])
+    assert not mono["bimodal"] and math.isnan(mono["second_mode"])
+    assert not S.overlap_stats([1, 5, 2])["bimodal"]                          # largest bin not at 0
+    with pytest.raises(ValueError):
+        S.overlap_stats([0, 0])
+
+
+def test_reduction():
+    assert S.reduction(0.5, 0.3) == pytest.approx(0.4) and S.reduction(0.5, 0.6) == pytest.approx(-0.2)
+    assert math.isnan(S.reduction(0.0, 0.1))
+
+
+def test_route_and_case_features_reconstruct_the_token():
+    torch.manual_seed(0)
+    sae = saes.build("scale", d_in=16, n_latents=64, k=6, n_experts=8, n_active=3).eval()
+    x = torch.randn(16)
+    r = S.route(sae, x)
+    out = sae(x[None])
+    assert len(r) == 3 and r.probability.is_monotonic_decreasing
+    assert sorted(r.expert) == sorted(out.expert_idx[0].tolist())
+    f = S.case_features(sae, x)
+    assert f.activation.is_monotonic_decreasing and set(f.expert) <= set(r.expert)
+    assert ((f.feature // sae.m) == f.expert).all() and ((f.feature % sae.m) == f.local).all()
+    x_hat = torch.tensor(f.activation.tolist()) @ sae.W_dec.detach()[f.feature.tolist()] + sae.b_pre.detach()
+    assert torch.allclose(x_hat, out.x_hat[0], atol=1e-5)
+    with pytest.raises(ValueError, match="n_experts"):
+        S.route(saes.build("topk", d_in=16, n_latents=32, k=4), x)
+
+
+def test_feature_label_from_top_tokens():
+    toks = np.array([[0, 2, 3, 4, 2, 3, 4, 5]])
+    seq, pos = np.zeros(7, int), np.arange(1, 8)
+    ctx = interp.Contexts(toks, seq, pos)
+    lat = np.zeros((7, 3), np.float32)
+    lat[[1, 4], 0] = [2.0, 1.0]                 # feature 0: token 3 ("ed") twice
+    lat[[0, 1, 2], 1] = [3.0, 2.0, 1.0]         # feature 1: three different tokens
+    acts = interp.feature_acts_from_latents(lat, [0, 1, 2])
+    assert S.feature_label(acts, ctx, TOK, 0) == "ed ×2"
+    assert S.feature_label(acts, ctx, TOK, 1).startswith("mixed: call")
+    assert S.feature_label(acts, ctx, TOK, 2) == "(silent)"
+
+
+def test_evaluate_domains_needs_a_set():
+    with pytest.raises(ValueError, match="at least one"):
+        S.evaluate_domains([], {})
