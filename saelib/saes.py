@@ -10,7 +10,10 @@ Weights (SPEC layout): ``W_enc`` / ``W_dec`` ``[n_latents, d_in]`` (rows of
 ``[n_latents]`` (relu, topk, batchtopk); ``b_gate``, ``b_mag``, ``r_mag``
 (gated); ``W_router`` ``[n_experts, d_in]``, ``b_router`` ``[d_in]`` and, for
 scale with feature scaling, ``omega`` ``[n_experts]`` (+ ``lp_transform``
-``[d_in, d_in]`` for the learned decomposition). Expert ``e`` owns latents
+``[d_in, d_in]`` for the learned decomposition); ``dec_scale`` ``[n_latents]`` (a buffer, only
+for an SAE loaded from a file whose decoder rows have unequal norms, see
+:mod:`saelib.saelens`: the code is multiplied by it after selection; training folds it
+into the encoder). Expert ``e`` owns latents
 ``e*m .. (e+1)*m - 1`` with ``m = n_latents / n_experts``; its encoder is
 ``W_enc.view(E, m, d)[e]``.
 
@@ -80,8 +83,7 @@ BALANCE_SCALES = ("raw", "normalized")   # what the load-balancing term is weigh
 # gated L0 ~5-6, both with mmcs > 0.97. With normalize=None they assume that scale themselves.
 DEFAULT_L1 = {"relu": 2.0, "gated": 3.0}
 WEIGHTS_FILE, CONFIG_FILE = "sae.safetensors", "config.json"
-SAELENS_WEIGHTS, SAELENS_CFG = "sae_weights.safetensors", "cfg.json"
-_ARCH_TO_SAELENS = {"relu": "standard", "gated": "gated", "topk": "topk", "batchtopk": "jumprelu"}
+SAELENS_WEIGHTS, SAELENS_CFG = "sae_weights.safetensors", "cfg.json"   # (saelib.saelens)
 _MASKED = -1e30  # bias that keeps a latent out of a TopK (AuxK on switch/scale)
 
 
@@ -223,6 +225,8 @@ class SAE(nn.Module):
             self.omega = _param(torch.zeros(E))
             if c["decomposition"] == "learned":
                 self.lp_transform = _param(torch.eye(d))
+        if c.get("decoder_scale"):   # per-latent decoder row norms of a loaded file (saelib.saelens)
+            self.register_buffer("dec_scale", torch.ones(n))
 
     # -- small helpers -----------------------------------------------------
     @property
@@ -275,6 +279,8 @@ class SAE(nn.Module):
         xs = x.reshape(-1, self.d_in).to(self.W_dec.dtype)
         xs = xs * s if s != 1 else xs                  # no pass over the batch when s = 1
         out = getattr(self, f"_fwd_{self.kind if self.kind in DENSE_KINDS else 'moe'}")(xs)
+        if "dec_scale" in self._buffers:
+            self._scale_code(out)
         x_hat = out.x_hat.add_(self.b_pre)             # in place: a fresh decoder output, not saved
         x_hat = x_hat.div_(s) if s != 1 else x_hat     # for backward by the op that made it
         rows = out.loss_terms.get("rows")
@@ -283,6 +289,18 @@ class SAE(nn.Module):
             x_hat = x_hat.index_select(0, out.loss_terms["inverse"])
         out.x_hat = x_hat.reshape(*lead, self.d_in)
         return out
+
+    def _scale_code(self, out: SAEOutput) -> None:
+        """Decoder rows of unequal norm ``dec_scale`` (an SAE loaded from a file that has them,
+        inference): the code is selected as the file's SAE selects it, then multiplied by the
+        row norms, so ``values``/``latents`` stay the coefficients of the unit-norm rows and
+        ``x_hat`` equals the file's ``z W_dec``."""
+        if out.latents is not None:
+            out.latents = out.latents * self.dec_scale
+            out.x_hat = out.latents @ self.W_dec
+        else:
+            out.values = out.values * self.dec_scale[out.indices]
+            out.x_hat = kernels.sparse_decode(out.values, out.indices, self.W_dec)
 
     def _enc_bias(self, W, b=None):
         """``b - W b_pre``: the encoders compute ``W (x s - b_pre) + b`` as ``W (x s) + (b - W b_pre)``,
@@ -436,7 +454,31 @@ class SAE(nn.Module):
     # -- training-recipe hooks ([switch] app. A) ----------------------------
     @torch.no_grad()
     def normalize_decoder_(self):
+        """Decoder rows to unit norm (every training step). A loaded per-latent decoder scale
+        is first folded into the encoder (:meth:`fold_decoder_scale_`)."""
+        if "dec_scale" in self._buffers:
+            self.fold_decoder_scale_()
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def fold_decoder_scale_(self):
+        """Fold ``dec_scale`` (per-latent decoder norms kept for inference) into the encoder
+        rows and biases and drop it, as training needs unit rows. Exact for relu/gated; for
+        TopK kinds it changes which latents are kept (a warning says so)."""
+        if "dec_scale" not in self._buffers:
+            return
+        sc = self._buffers.pop("dec_scale")
+        if self.kind in TOPK_KINDS:
+            warnings.warn("fold_decoder_scale_: folding unequal decoder norms into the encoder changes which "
+                          "latents TopK keeps; the SAE no longer reproduces the file it was loaded from",
+                          stacklevel=3)
+        self.W_enc.mul_(sc[:, None])
+        for name in ("b_enc", "b_gate", "b_mag"):
+            if hasattr(self, name):
+                getattr(self, name).mul_(sc)
+        if self.kind == "batchtopk":   # one threshold cannot follow per-latent scales: keep their mean
+            self.threshold_sum.mul_(float(sc.mean()))
+        self.config["decoder_scale"] = False
 
     @torch.no_grad()
     def remove_parallel_grad_(self):
@@ -531,109 +573,18 @@ def load(path, device="cpu") -> SAE:
 
 
 # ---------------------------------------------------------------------------
-# SAELens on-disk format (cfg.json + sae_weights.safetensors)
+# SAELens on-disk format (cfg.json + sae_weights.safetensors): saelib.saelens
 # ---------------------------------------------------------------------------
 def to_saelens(sae: SAE, path) -> Path:
-    """Export a dense SAE in SAELens's format: ``cfg.json`` + ``sae_weights.safetensors``
-    with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc``, ``b_dec`` (gated:
-    ``b_gate``, ``b_mag``, ``r_mag`` instead of ``b_enc``; batchtopk is written as
-    ``jumprelu`` with a constant ``threshold``, as SAELens saves BatchTopK SAEs).
-    The input normalisation is folded into the weights (``W_enc * s``, ``W_dec / s``,
-    ``b_dec / s``) so the file takes raw activations (``normalize_activations="none"``)."""
-    from safetensors.torch import save_file
+    """Export a dense SAE in SAELens's format (see :func:`saelib.saelens.to_saelens`)."""
+    from .saelens import to_saelens as _to
 
-    if sae.kind not in DENSE_KINDS:
-        raise ValueError(f"kind={sae.kind!r} has no SAELens equivalent; export works for {list(DENSE_KINDS)}")
-    s = sae.norm_scaling_factor
-    sd = {"W_enc": (sae.W_enc * s).T, "W_dec": sae.W_dec / s, "b_dec": sae.b_pre / s}
-    if sae.kind == "gated":
-        sd.update(b_gate=sae.b_gate, b_mag=sae.b_mag, r_mag=sae.r_mag)
-    else:
-        sd["b_enc"] = sae.b_enc
-    if sae.kind == "batchtopk":
-        sd["threshold"] = torch.full_like(sae.b_enc, sae.threshold)
-    cfg = {"architecture": _ARCH_TO_SAELENS[sae.kind], "d_in": sae.d_in, "d_sae": sae.n_latents,
-           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-           "normalize_activations": "none", "reshape_activations": "none",
-           "meta": {"saelib_config": sae.config}}
-    if sae.kind == "topk":
-        cfg["k"] = sae.k
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in sd.items()}, str(tmp / SAELENS_WEIGHTS))
-        (tmp / SAELENS_CFG).write_text(json.dumps(cfg, indent=2))
-    return path
+    return _to(sae, path)
 
 
-@torch.no_grad()
 def load_saelens(path, device="cpu", k: int | None = None) -> SAE:
-    """Load an SAE in SAELens's on-disk format (architectures standard, topk, gated,
-    jumprelu with one shared threshold -> relu, topk, gated, batchtopk).
+    """Load an SAE written by SAELens (any version) or :func:`to_saelens`, reproducing the
+    file's reconstruction (see :func:`saelib.saelens.load_saelens`)."""
+    from .saelens import load_saelens as _load
 
-    Decoder rows are brought to unit norm: if all rows share one norm ``c`` (the case
-    after folding an input normalisation) it becomes ``norm_scaling_factor = 1/c``, which
-    is exact for every kind; otherwise each row's norm is folded into its encoder row
-    (exact for relu/gated, a warning for the TopK kinds whose selection then changes).
-    ``apply_b_dec_to_input=False`` is folded into the encoder bias."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / SAELENS_CFG).exists():
-        raise ValueError(f"path={str(path)!r} holds no {SAELENS_CFG}; not an SAELens SAE")
-    cfg = json.loads((path / SAELENS_CFG).read_text())
-    sd = {key: val.float() for key, val in load_file(str(path / SAELENS_WEIGHTS)).items()}
-    arch = cfg.get("architecture", "standard")
-    kind = {"standard": "relu", "topk": "topk", "gated": "gated", "jumprelu": "batchtopk"}.get(arch)
-    if kind is None:
-        raise ValueError(f"architecture={arch!r} in {SAELENS_CFG} is not supported; "
-                         "choose one of ['gated', 'jumprelu', 'standard', 'topk']")
-    if cfg.get("normalize_activations", "none") != "none":
-        raise ValueError(f"normalize_activations={cfg['normalize_activations']!r} in {SAELENS_CFG}: only 'none' "
-                         "is supported (fold the scaling factor into the weights first)")
-    W_enc, W_dec, b_dec = sd["W_enc"].T.contiguous(), sd["W_dec"], sd["b_dec"]
-    n, d = W_dec.shape
-    if kind == "batchtopk":
-        thr = sd["threshold"]
-        if not torch.allclose(thr, thr.mean().expand_as(thr), rtol=1e-5, atol=1e-8):
-            raise ValueError("architecture='jumprelu' with per-latent thresholds is not a BatchTopK SAE; "
-                             "only a shared threshold can be loaded")
-    if kind in ("topk", "batchtopk"):
-        k = k if k is not None else cfg.get("k") or cfg.get("meta", {}).get("saelib_config", {}).get("k")
-        if k is None:
-            raise ValueError(f"k is needed for architecture={arch!r} and is not in {SAELENS_CFG}; pass k=")
-    meta = cfg.get("meta", {}).get("saelib_config", {})
-    sae = build(kind, d_in=d, n_latents=n, k=int(k) if kind in ("topk", "batchtopk") else None,
-                l1_coef=meta.get("l1_coef") if kind in ("relu", "gated") else None)
-    b_name = "b_gate" if kind == "gated" else "b_enc"
-    if not cfg.get("apply_b_dec_to_input", True):   # pre = W x + b  ==  W (x - b_dec) + (b + W b_dec)
-        shift = W_enc @ b_dec
-        sd[b_name] = sd[b_name] + shift
-        if kind == "gated":
-            sd["b_mag"] = sd["b_mag"] + sd["r_mag"].exp() * shift
-    norms = W_dec.norm(dim=-1)
-    if torch.allclose(norms, norms.mean().expand_as(norms), rtol=1e-4):
-        s = 1.0 / float(norms.mean())   # x_hat = (W_dec_unit^T z + s b_dec) / s, pre uses (s x - s b_dec)
-        sae.config["norm_scaling_factor"] = s if abs(s - 1.0) > 1e-6 else 1.0
-        s = sae.config["norm_scaling_factor"]
-        sae.W_enc.copy_(W_enc / s)
-        sae.W_dec.copy_(W_dec * s)
-        sae.b_pre.copy_(b_dec * s)
-        if kind == "batchtopk":
-            sae.threshold_sum.fill_(float(sd["threshold"].mean()))
-            sae.threshold_count.fill_(1.0)
-    else:
-        if kind in ("topk", "batchtopk"):
-            warnings.warn("decoder rows of unequal norm: folding them into the encoder changes which latents "
-                          "TopK keeps; the loaded SAE approximates the file", stacklevel=2)
-        sae.W_enc.copy_(W_enc * norms[:, None])
-        sae.W_dec.copy_(W_dec / norms[:, None])
-        sae.b_pre.copy_(b_dec)
-        sd = {key: (val * norms if key in ("b_enc", "b_gate", "b_mag") else val) for key, val in sd.items()}
-        if kind == "batchtopk":
-            sae.threshold_sum.fill_(float((sd["threshold"] * norms).mean()))
-            sae.threshold_count.fill_(1.0)
-    for name in ("b_enc", "b_gate", "b_mag", "r_mag"):
-        if hasattr(sae, name):
-            getattr(sae, name).copy_(sd[name])
-    return sae.to(device).eval()
+    return _load(path, device=device, k=k)
