@@ -225,3 +225,38 @@ def toy_loss(W, b, feature_probability, importance=None, *, n_samples: int = 655
         done += bs
     out = total / (n_samples * n)
     return out[0] if single else out
+
+
+def sparsity_sweep(n_hidden: int, ratios, probabilities, *, restarts: int = 1, threshold: float = 0.5, seed: int = 0,
+                   importance=None, **train_kw):
+    """Toy models over feature probabilities ``p = 1 - S`` for several ``n / m``
+    (``ratios``), ``restarts`` instances per ``p`` of which the lowest :func:`toy_loss`
+    is kept. One :func:`train_toy` call per ratio (all p and restarts as instances).
+    ``train_kw``: ``steps``, ``batch_size``, ``lr``. Returns a DataFrame with one row
+    per (ratio, p): ``ratio, n_features, n_hidden, p, S, loss, n_represented,
+    represented_per_dim`` (= n_represented / m), ``inv_mean_D`` (1 / mean D_i over the
+    represented features) and ``features_per_dim`` (``1 / D* = ||W||_F^2 / m``)."""
+    import pandas as pd
+
+    check_positive_int("n_hidden", n_hidden)
+    check_positive_int("restarts", restarts)
+    ps = np.asarray(probabilities, dtype=float).ravel()
+    rows = []
+    for r in ratios:
+        check_positive_int("ratios[i]", r)
+        n = int(r) * n_hidden
+        p_all = torch.tensor(np.repeat(ps, restarts), dtype=torch.float32)
+        W, b = train_toy(n, n_hidden, p_all, importance, seed=seed, **train_kw)
+        loss = toy_loss(W, b, p_all, importance).view(len(ps), restarts)
+        best = loss.argmin(1) + torch.arange(len(ps)) * restarts
+        Wb = W[best]
+        rep = represented_features(Wb, threshold)
+        D = feature_dimensionality(Wb)
+        for i, p in enumerate(ps):
+            d_rep = D[i][rep[i]]
+            rows.append({"ratio": int(r), "n_features": n, "n_hidden": n_hidden, "p": float(p), "S": 1 - float(p),
+                         "loss": float(loss[i].min()), "n_represented": int(rep[i].sum()),
+                         "represented_per_dim": float(rep[i].sum()) / n_hidden,
+                         "inv_mean_D": float(1 / d_rep.mean()) if len(d_rep) else float("nan"),
+                         "features_per_dim": float(1 / dimensions_per_feature(Wb[i]))})
+    return pd.DataFrame(rows)

@@ -32,7 +32,7 @@ import torch
 from . import metrics
 from .utils import check_positive_int
 
-__all__ = ["shapes_at_fixed_params", "non_embedding_params", "depth_pairs", "features_at_fvu", "firing_frequency",
+__all__ = ["shapes_at_fixed_params", "non_embedding_params", "depth_pairs", "features_at_fvu", "common_target", "firing_frequency",
            "latent_activations", "max_correlation", "match_summary", "concat_layers", "pooled_fvu", "cylinder",
            "wilson_interval"]
 
@@ -95,12 +95,14 @@ def depth_pairs(n_layer_a: int, n_layer_b: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- features at a target
 def features_at_fvu(n_features, fvu, target: float) -> dict:
     """The dictionary size at which FVU reaches ``target``, from a sweep (one point per
-    width: ``n_features`` = alive latents, ``fvu`` = held-out FVU), by linear
-    interpolation of ``log fvu`` against ``log n_features`` between the two points that
-    bracket the target (FVU falls with width). Outside the sweep's range the nearest
-    two points are extrapolated and ``status`` says so. Returns
-    ``{"F": float, "status": "interpolated" | "extrapolated (below)" | "extrapolated (above)"}``.
-    Raises ValueError for fewer than two points, non-positive values or a target outside (0, 1)."""
+    width: ``n_features`` = alive latents, ``fvu`` = held-out FVU): the first swept size
+    whose FVU is at or below the target, with linear interpolation of ``log fvu``
+    against ``log n_features`` from the size before it. No extrapolation: when the
+    smallest size already reaches the target, ``F`` is that size and an upper bound;
+    when no size reaches it, ``F`` is the largest size and a lower bound. Returns
+    ``{"F": float, "status": "interpolated" | "upper bound" | "lower bound"}``.
+    Raises ValueError for fewer than two points, non-positive values or a target
+    outside (0, 1)."""
     x = np.asarray(n_features, dtype=float).ravel()
     y = np.asarray(fvu, dtype=float).ravel()
     if len(x) != len(y) or len(x) < 2:
@@ -109,21 +111,28 @@ def features_at_fvu(n_features, fvu, target: float) -> dict:
         raise ValueError("n_features and fvu must be > 0")
     if not (0 < target < 1):
         raise ValueError(f"target must be an FVU in (0, 1), got {target!r}")
-    o = np.argsort(x)
-    lx, ly, lt = np.log(x[o]), np.log(y[o]), math.log(target)
-    below = np.flatnonzero(ly <= lt)                       # widths that reach the target
-    if len(below) == 0:
-        i, status = len(lx) - 2, "extrapolated (above)"
-    elif below[0] == 0:
-        i, status = 0, "extrapolated (below)" if ly[0] < lt else "interpolated"
-    else:
-        i, status = below[0] - 1, "interpolated"
-    x0, x1, y0, y1 = lx[i], lx[i + 1], ly[i], ly[i + 1]
-    if y1 == y0:
-        F = math.exp(x0 if status != "extrapolated (above)" else x1)
-    else:
-        F = math.exp(x0 + (lt - y0) * (x1 - x0) / (y1 - y0))
-    return {"F": float(F), "status": status}
+    o = np.argsort(x, kind="stable")
+    x, y = x[o], y[o]
+    hit = np.flatnonzero(y <= target)
+    if len(hit) == 0:
+        return {"F": float(x[-1]), "status": "lower bound"}
+    i = int(hit[0])
+    if i == 0:
+        return {"F": float(x[0]), "status": "upper bound"}
+    lx0, lx1, ly0, ly1 = np.log([x[i - 1], x[i], y[i - 1], y[i]])
+    F = math.exp(lx0 + (math.log(target) - ly0) * (lx1 - lx0) / (ly1 - ly0))
+    return {"F": float(F), "status": "interpolated"}
+
+
+def common_target(frame, by=("model", "layer")) -> float:
+    """A target FVU that every group (layer) of a width sweep crosses if possible: with
+    ``lo = max over groups of their smallest FVU`` and ``hi = min over groups of their
+    largest FVU``, the geometric mean of ``lo`` and ``hi`` when ``lo < hi`` (every
+    group's FVU passes through it inside its swept widths), else ``lo`` (every group
+    reaches it; some already at their smallest width)."""
+    g = frame.groupby(list(by)).fvu
+    lo, hi = float(g.min().max()), float(g.max().min())
+    return math.sqrt(lo * hi) if lo < hi else lo
 
 
 # ----------------------------------------------------------------------------- activations of latents
@@ -289,3 +298,41 @@ def bootstrap_ci(x, stat=np.median, n_boot: int = 1000, seed: int = 0, level: fl
     boots = np.array([stat(x[rng.integers(0, x.size, x.size)]) for _ in range(n_boot)])
     a = (1 - level) / 2
     return s, (float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a)))
+
+
+# ----------------------------------------------------------------------------- plumbing for the chapter
+def lm_configs(cfg: dict, shapes, seeds, *, steps: int, batch_size: int, lr: float, warmup: int,
+               eval_batches: int) -> list[dict]:
+    """Full profile dicts for :func:`saelib.lm.train_many`: one per (shape, seed), all on
+    the data of ``cfg`` (corpus, tokenizer and tokens fixed by ``cfg["data"]`` and
+    ``cfg["seed"]``, so only the model and its seed differ), dense GPT-2, the same
+    token budget ``steps x batch_size x n_ctx``; evaluated once, at the end."""
+    out = []
+    for sh in shapes:
+        for s in seeds:
+            m = {**cfg["lm"], "name": None, "n_layer": sh["n_layer"], "n_embd": sh["n_embd"], "n_head": sh["n_head"],
+                 "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "eval_every": steps,
+                 "eval_batches": eval_batches}
+            if "n_experts" in m:
+                m["n_experts"] = 1
+            out.append({**cfg, "seed": int(s), "data": {**cfg["data"], "seed": cfg["data"].get("seed", cfg["seed"])},
+                        "lm": m})
+    return out
+
+
+def final_loss(history: dict, domain: str = "all") -> float:
+    """The last held-out loss (nats/token) of an LM training history for ``domain``."""
+    ev = [e for e in history["eval"] if e["domain"] == domain]
+    if not ev:
+        raise ValueError(f"history has no eval rows for domain={domain!r}")
+    return float(ev[-1]["loss"])
+
+
+def collect_layers(sm, layers, split: str, n_tokens: int, site: str = "resid_post", device="auto") -> dict:
+    """``{layer: ActivationStore}`` of ``blocks.<layer>.<site>`` of a subject model on its
+    ``tokenized[split]`` (:func:`saelib.activations.collect`, cached). Two models with the
+    same tokens get row-aligned stores (the same token at the same row)."""
+    from . import activations
+
+    return {int(i): activations.collect(sm.model, sm.tokenized[split], f"blocks.{int(i)}.{site}", n_tokens,
+                                        device=device) for i in layers}

@@ -42,12 +42,22 @@ def test_features_at_fvu_interpolates_in_log_log():
     fvu = 0.5 * (n / 100.0) ** -0.5                       # a power law: the exact answer is known
     r = U.features_at_fvu(n, fvu, 0.3)
     assert r["status"] == "interpolated" and r["F"] == pytest.approx(100 * (0.3 / 0.5) ** -2, rel=1e-9)
-    assert U.features_at_fvu(n, fvu, 0.1)["status"] == "extrapolated (above)"
-    assert U.features_at_fvu(n, fvu, 0.1)["F"] == pytest.approx(100 * (0.1 / 0.5) ** -2, rel=1e-9)
-    assert U.features_at_fvu(n, fvu, 0.6)["status"] == "extrapolated (below)"
-    assert U.features_at_fvu(n, fvu, 0.5)["F"] == pytest.approx(100)
+    assert U.features_at_fvu(n, fvu, 0.1) == {"F": 800.0, "status": "lower bound"}      # never reached
+    assert U.features_at_fvu(n, fvu, 0.6) == {"F": 100.0, "status": "upper bound"}      # reached at once
+    assert U.features_at_fvu(n[::-1], fvu[::-1], 0.3)["F"] == pytest.approx(r["F"])      # order does not matter
+    bumpy = [0.5, 0.55, 0.2, 0.1]                          # FVU not monotone: the first crossing counts
+    assert U.features_at_fvu(n, bumpy, 0.3)["F"] == pytest.approx(200 * 2 ** (math.log(0.3 / 0.55) / math.log(0.2 / 0.55)))
     with pytest.raises(ValueError, match="target"):
         U.features_at_fvu(n, fvu, 1.5)
+
+
+def test_common_target():
+    import pandas as pd
+
+    f = pd.DataFrame({"model": "A", "layer": [0, 0, 1, 1], "fvu": [0.4, 0.1, 0.3, 0.05]})
+    assert U.common_target(f) == pytest.approx(math.sqrt(0.1 * 0.3))   # both layers cross it
+    f2 = pd.DataFrame({"model": "A", "layer": [0, 0, 1, 1], "fvu": [0.4, 0.3, 0.2, 0.05]})
+    assert U.common_target(f2) == pytest.approx(0.3)                    # ranges do not overlap
 
 
 def test_max_correlation_finds_planted_partners():
@@ -99,6 +109,6 @@ def test_features_per_layer_and_bootstrap():
                       "fvu": list(0.5 * (n / 100.0) ** -0.5) + list(0.2 * (n / 100.0) ** -0.5)})
     t = U.features_per_layer(f, 0.3)
     assert list(t.layer) == [0, 1] and list(t.chosen_latents) == [400, 100]
-    assert t.F.iloc[0] == pytest.approx(100 * (0.3 / 0.5) ** -2) and t.status.iloc[1] == "extrapolated (below)"
+    assert t.F.iloc[0] == pytest.approx(100 * (0.3 / 0.5) ** -2) and t.status.iloc[1] == "upper bound"
     s, (lo, hi) = U.bootstrap_ci(np.arange(101.0), n_boot=200)
     assert s == 50 and lo < 50 < hi
