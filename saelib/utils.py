@@ -59,32 +59,43 @@ def _lock_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def entry_lock(path: str | os.PathLike, timeout: float = -1):
-    """Hold the inter-process lock of cache entry ``path`` (a ``filelock.FileLock`` on
-    ``.<name>.lock`` beside it; re-entrant within a process). Wrap "check the entry, build
-    it if missing, write it" in it: a second process waits, then finds the entry and reads
-    it instead of building it again. ``timeout`` seconds (-1: wait for ever); a timeout
-    raises ``filelock.Timeout``. Entries inside a private ``*.tmp`` folder are not locked."""
-    import filelock
-
+    """Hold the inter-process lock of cache entry ``path`` (a ``filelock.FileLock`` in
+    ``<cache root>/.locks/``, named by a hash of the entry's absolute path; re-entrant within
+    a process). Wrap "check the entry, build it if missing, write it" in it: a second
+    process waits, then finds the entry and reads it instead of building it again.
+    ``timeout`` seconds (-1: wait for ever); a timeout raises ``filelock.Timeout``. Entries
+    inside a private ``*.tmp`` folder are not locked."""
     path = Path(path)
     if path.parent.name.endswith(".tmp"):
         yield path
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(_lock_path(path)), timeout=timeout, is_singleton=True)
-    with lock:
+    lock = _file_lock(path)
+    lock.acquire(timeout=timeout)
+    try:
         yield path
+    finally:
+        lock.release()
+
+
+def _file_lock(path: Path):
+    """The process-wide (singleton, re-entrant) ``FileLock`` of entry ``path``."""
+    import filelock
+
+    return filelock.FileLock(str(_lock_path(Path(path))), is_singleton=True)
 
 
 def _lock_is_free(path: Path) -> bool:
     """True when no live process holds ``path``'s entry lock (checked without waiting)."""
     import filelock
 
+    lock = _file_lock(path)
     try:
-        with filelock.FileLock(str(_lock_path(path)), timeout=0, is_singleton=True):
-            return True
+        lock.acquire(timeout=0)
     except filelock.Timeout:
         return False
+    lock.release()
+    return True
 
 
 def _remove(p: Path) -> None:

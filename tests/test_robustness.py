@@ -436,3 +436,14 @@ def test_tokenizer_training_bounds_a_huge_word(tmp_path, tmp_cache):
     assert tok.decode(tok("x" * 5000)["input_ids"]) == "x" * 5000     # still encodes any text
     cut, n = data.bound_words(["ab" * 3 + " " + "c" * 25], max_word=10)
     assert n == 1 and cut[0] == "ababab " + "\n".join(["c" * 10, "c" * 10, "c" * 5])
+
+
+def test_atomic_path_under_a_held_lock_cleans_its_own_leftovers(tmp_cache):
+    entry = utils.cache_dir("things") / "e3"
+    stale = entry.parent / ".e3.k2j4h5g6.tmp"
+    stale.mkdir()
+    _old(stale)
+    with utils.entry_lock(entry):                    # the caller holds the lock (utils.cached does)
+        with utils.atomic_path(entry) as tmp:
+            tmp.write_text("x")
+    assert entry.read_text() == "x" and not stale.exists()
