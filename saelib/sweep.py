@@ -24,8 +24,9 @@ the loop around :func:`saelib.train.fit` that makes them cheap to re-run:
   ``3 x forward`` convention of :func:`saelib.scaling.training_flops`, wall
   seconds) and, given the subject model, the fraction of cross-entropy loss
   recovered (:func:`saelib.metrics.loss_recovered`, zero ablation).
-* :func:`expert_counts`, :func:`match_frontier` and :func:`verdict` are the small
-  pieces of logic the chapter's comparisons and claim verdicts are built from.
+* :func:`expert_counts`, :func:`match_frontier` and :func:`compare_to_dense` are the small
+  pieces of logic the chapter's comparisons are built from (the verdict rules are in
+  :mod:`saelib.verdicts`).
 
 Every kind trains on inputs scaled to ``E||x||^2 = d`` by default
 (``normalize="unit"``), so the L1 coefficients, the ``1/sqrt(M)`` learning rate
@@ -51,7 +52,6 @@ from .utils import atomic_path, cache_dir, check_choice, check_positive_int, con
 
 CACHE_VERSION = 1
 RUN_FILE, HISTORY_FILE, SAE_DIR = "run.json", "history.json", "sae"
-VERDICTS = ("reproduced", "partly", "not reproduced", "not testable here")
 
 
 @dataclass
@@ -384,20 +384,6 @@ def match_frontier(points: pd.DataFrame, frontier: pd.DataFrame, x: str = "L0", 
     logy = np.log(fy) if np.all(fy > 0) else fy
     out = np.interp(np.log(px), np.log(fx), logy, left=np.nan, right=np.nan)
     return np.exp(out) if np.all(fy > 0) else out
-
-
-def verdict(fraction: float, partly_at: float = 0.5) -> str:
-    """The chapter's rule for a claim checked on several comparisons: the share of
-    comparisons in which it holds -> "reproduced" (all), "partly" (at least
-    ``partly_at``, or at least one when ``partly_at`` is 0), "not reproduced" (fewer);
-    NaN (nothing to compare) -> "not testable here"."""
-    if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
-        return "not testable here"
-    if fraction >= 1 - 1e-12:
-        return "reproduced"
-    if fraction >= partly_at and fraction > 0:
-        return "partly"
-    return "not reproduced"
 
 
 def compare_to_dense(points: pd.DataFrame, frame: pd.DataFrame, ys=("mse", "loss_recovered")) -> pd.DataFrame:

@@ -111,13 +111,6 @@ def test_match_frontier_interpolates_in_log_space():
     assert out[0] == pytest.approx(10 ** -0.5) and out[1] == pytest.approx(0.1) and math.isnan(out[2])
 
 
-@pytest.mark.parametrize("frac, expected", [(1.0, "reproduced"), (0.75, "partly"), (0.5, "partly"),
-                                            (0.25, "not reproduced"), (0.0, "not reproduced"),
-                                            (float("nan"), "not testable here")])
-def test_verdict_rule(frac, expected):
-    assert sweep.verdict(frac) == expected
-
-
 def test_lr_base_gives_the_law_and_the_same_entry_as_the_explicit_lr(x, tmp_cache):
     assert sweep.lr_law(2**14) == pytest.approx(2e-4) and sweep.lr_law(2**16, 1e-3) == pytest.approx(5e-4)
     a = sweep.train_sae(x, "topk", n_latents=64, k=4, steps=5, batch_size=64, lr_base=1e-3)
