@@ -361,3 +361,8 @@ def _frame(history, args):
     df = pd.DataFrame(history)
     df.attrs.update(args)      # the run's settings (lr, dead_window, ...) travel with it
     return df
+
+
+if __name__ == "__main__":
+    from .train_cli import main
+    raise SystemExit(main())
