@@ -124,7 +124,8 @@ def clean_stale(folder: str | os.PathLike, name: str | None = None, min_idle: fl
     writing it (every :func:`atomic_path` write holds the lock), and, as a second guard
     for writers that do not lock, only when nothing in it changed for ``min_idle``
     seconds (default :data:`STALE_AFTER`). :func:`cache_dir` calls it for the folder it
-    returns, :func:`atomic_path` for the entry it writes. Returns what was removed."""
+    returns; :func:`atomic_path` for the entry it writes, with ``min_idle=0`` (it holds that
+    entry's lock, so a rerun after a killed write frees the space at once). Returns what was removed."""
     folder, removed = Path(folder), []
     min_idle = STALE_AFTER if min_idle is None else min_idle
     if not folder.is_dir():
@@ -171,8 +172,8 @@ def atomic_path(final: str | os.PathLike, checksum: bool = True):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     with entry_lock(final):
-        if not final.parent.name.endswith(".tmp"):
-            clean_stale(final.parent, final.name)
+        if not final.parent.name.endswith(".tmp"):   # we hold the lock: any leftover of this entry is dead
+            clean_stale(final.parent, final.name, min_idle=0)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         target = tmp / final.name
         try:

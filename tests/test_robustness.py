@@ -447,3 +447,21 @@ def test_atomic_path_under_a_held_lock_cleans_its_own_leftovers(tmp_cache):
         with utils.atomic_path(entry) as tmp:
             tmp.write_text("x")
     assert entry.read_text() == "x" and not stale.exists()
+
+
+def test_rerun_after_kill_9_mid_write_removes_the_leftover_at_once(tmp_cache):
+    import signal
+    entry = tmp_cache / "things" / "e4"
+    code = ("import sys, time; from pathlib import Path; from saelib import utils\n"
+            "with utils.atomic_path(sys.argv[1]) as tmp:\n"
+            "    tmp.mkdir(); (tmp / 'big.bin').write_bytes(b'x' * 10**6); print('writing', flush=True)\n"
+            "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(entry)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "SAELIB_CACHE": str(tmp_cache)})
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = [p for p in entry.parent.iterdir() if p.name.endswith(".tmp")]
+    assert left and not entry.exists()                 # the killed write left its temp folder
+    got = utils.cached(entry, lambda p: _build_slowly(p, tmp_cache / "log"), lambda p: (p / "data.txt").read_text())
+    assert got == "payload" and sorted(p.name for p in entry.parent.iterdir()) == ["e4"]
