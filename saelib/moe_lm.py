@@ -125,8 +125,9 @@ class SwitchFFN(nn.Module):
         gate, expert = probs.max(-1)
         return probs, expert, gate
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x @ self.w_fc[e] + self.b_fc[e]) @ self.w_proj[e] + self.b_proj[e]
+    def _expert(self, e: int, x: torch.Tensor, w=None) -> torch.Tensor:
+        w_fc, b_fc, w_proj, b_proj = w if w is not None else (self.w_fc, self.b_fc, self.w_proj, self.b_proj)
+        return self.act(x @ w_fc[e] + b_fc[e]) @ w_proj[e] + b_proj[e]
 
     def _finish(self, probs, expert, gate, dropped):
         self.aux_loss = load_balancing_loss(probs, expert, self.router_aux_coef)
@@ -152,9 +153,10 @@ class SwitchFFN(nn.Module):
         xs = x[order] if keep_sorted is None else x[order[keep_sorted]]
         outs = []
         s = 0
+        w = tuple(t.unbind(0) for t in (self.w_fc, self.b_fc, self.w_proj, self.b_proj))  # one grad buffer each
         for e, n in enumerate(kept_counts.tolist()):
             if n:
-                outs.append(self._expert(e, xs[s:s + n]))
+                outs.append(self._expert(e, xs[s:s + n], w))
             s += n
         y = torch.cat(outs) if outs else xs.new_zeros(0, shape[-1])
         idx = order if keep_sorted is None else order[keep_sorted]
@@ -484,3 +486,4 @@ def adaptive_batch_size(train_eval, B0: int, tau: float, B_min: int = 1, decay_f
         B = int(B * decay_factor)
     return {"B_star": B_star, "performance": performance, "trace": trace,
             "seconds": float(sum(t["seconds"] for t in trace))}
+

@@ -41,7 +41,7 @@ def test_routes_each_token_to_exactly_one_expert(one_thread):
     seen = {i: [] for i in layers}
     for i, m in layers.items():   # record the rows each expert computes
         orig = m._expert
-        m._expert = (lambda i, orig: lambda e, x: (seen[i].append((e, x.shape[0])), orig(e, x))[1])(i, orig)
+        m._expert = (lambda i, orig: lambda e, x, *w: (seen[i].append((e, x.shape[0])), orig(e, x, *w))[1])(i, orig)
         m.keep_routing = True
     x = torch.randint(0, 50, (3, 16))
     model(input_ids=x)
@@ -254,3 +254,45 @@ def test_activation_sites_resolve_on_both_kinds(trained, kind):
         ablated = model(input_ids=x).logits
     with torch.no_grad():
         assert not torch.equal(ablated, model(input_ids=x).logits)
+
+
+# ----------------------------------------------------------------------------- saelib.laws (chapter 03 helpers)
+def test_efficiency_formula_reproduces_paper_table1():
+    from saelib import laws
+
+    t = laws.paper_table1()
+    got = laws.efficiency(t.total_M * 1e6, t.test_ppl)
+    assert len(t) == 16 and abs(got - t.efficiency).max() < 0.0026
+    assert (abs(got - t.efficiency) < 0.0005).sum() >= 12
+
+
+def test_paper_sites_and_capture(one_thread):
+    from saelib import laws
+
+    sites = laws.paper_sites(2)
+    assert list(sites) == ["embedding", "layer_0_attn", "layer_0_norm1", "layer_0_norm2", "layer_1_attn",
+                           "layer_1_norm1", "layer_1_norm2", "final_norm"]
+    assert [laws.layer_type(n) for n in sites] == ["embedding"] + ["attention", "norm", "norm"] * 2 + ["norm"]
+    model = tiny_gpt2(n_experts=4, n_layer=2)
+    x = torch.randint(0, 50, (5, 16))
+    got = laws.capture_sites(model, x, list(sites.values()), n_tokens=40, batch_size=2)
+    for site, a in got.items():
+        ref = activations.run_to_site(model, x, site)[:, 1:].reshape(-1, 16)[:40]
+        assert a.shape == (40, 16) and torch.allclose(a, ref, atol=1e-5), site
+
+
+def test_superposition_readings_bounds():
+    from saelib import laws
+
+    torch.manual_seed(0)
+    h = torch.relu(torch.randn(500, 12))
+    x = torch.randn(500, 6) @ torch.randn(6, 6)
+    r = laws.superposition_readings(h, x)
+    assert set(r) == set(laws.READINGS)
+    for src, n in (("latents", 12), ("activations", 6)):
+        for kind in ("correlation", "covariance"):
+            s = r[f"{src} {kind} S"]
+            assert 1 <= s <= math.sqrt(n) + 1e-9
+            assert r[f"{src} {kind} S/sqrt(n)"] == pytest.approx(s / math.sqrt(n))
+            assert r[f"{src} {kind} 1/S"] == pytest.approx(1 / s)
+            assert r[f"{src} {kind} PR/n"] == pytest.approx(s * s / n)
