@@ -224,10 +224,12 @@ def _build_slowly(path, log):
 
 def test_two_processes_on_one_entry_build_once(tmp_cache, tmp_path):
     entry, log = tmp_cache / "things" / "e1", tmp_path / "log"
-    code = ("import sys; sys.path.insert(0, sys.argv[3]); from test_robustness import _build_slowly\n"
-            "from saelib import utils\n"
-            "out = utils.cached(sys.argv[1], lambda p: _build_slowly(p, sys.argv[2]),"
-            " lambda p: (p / 'data.txt').read_text())\nprint(out)\n")
+    code = ("import sys, time\nfrom saelib import utils\n"
+            "def build(path):\n"
+            "    open(sys.argv[2], 'a').write('built\\n'); time.sleep(1.0)\n"
+            "    with utils.atomic_path(path) as tmp:\n"
+            "        tmp.mkdir(); (tmp / 'data.txt').write_text('payload')\n"
+            "print(utils.cached(sys.argv[1], build, lambda p: (p / 'data.txt').read_text()))\n")
     env = {**os.environ, "SAELIB_CACHE": str(tmp_cache)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(entry), str(log), os.path.dirname(__file__)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
