@@ -237,7 +237,8 @@ def check_config(cfg: dict) -> dict:
     """Check what the resolved config alone decides, before any work (ValueError naming the key):
     ``site`` (``blocks.<i>.<site>``: ``-n_layer <= i < n_layer`` for our own LM, the site kind in
     ``activations.SITES``), ``activations.dtype``, ``device``, ``data.corpus``/``domains``/``holdout``,
-    ``lm.n_embd % lm.n_head == 0`` and ``lm.warmup <= lm.steps`` (our own LM), ``data.vocab_size >= 258``.
+    ``lm.n_embd % lm.n_head == 0``, ``lm.warmup <= lm.steps`` and ``lm.steps``/``lr``/``eval_every``/
+    ``batch_size`` > 0 (our own LM), ``data.vocab_size >= 258``.
     Returns ``cfg``."""
     from .activations import SITES
     from .data import DOMAINS
@@ -266,6 +267,9 @@ def check_config(cfg: dict) -> dict:
             raise ValueError(f"lm.n_embd={lmc['n_embd']} must be divisible by lm.n_head={lmc['n_head']}")
         if {"warmup", "steps"} <= set(lmc) and lmc["warmup"] > lmc["steps"]:
             raise ValueError(f"lm.warmup={lmc['warmup']} must be in [0, lm.steps={lmc['steps']}]")
+        for key in ("steps", "lr", "eval_every", "batch_size"):   # 0 is only meaningful for a hub model (paper)
+            if key in lmc and not lmc[key] > 0:
+                raise ValueError(f"lm.{key}={lmc[key]!r} must be > 0 when we train our own LM (lm.name is null)")
     d = cfg.get("data") or {}
     corpus = d.get("corpus")
     if corpus is not None and not (corpus == "minipile" or str(corpus).startswith(("hf:", "files:"))):

@@ -77,6 +77,7 @@ def test_leaf_null_in_every_profile_takes_the_hinted_kind(monkeypatch):
     ({"device": "gpu"}, r"device='gpu'"),
     ({"lm": {"n_head": 3}}, r"lm.n_embd=64 must be divisible by lm.n_head=3"),
     ({"lm": {"warmup": 1000}}, r"lm.warmup=1000"),
+    ({"lm": {"lr": 0}}, r"lm.lr=0 must be > 0 when we train our own LM"),
     ({"data": {"domains": ["poetry"]}}, r"data.domains.*'poetry'"),
     ({"data": {"corpus": "wiki"}}, r"data.corpus='wiki'"),
 ])
