@@ -137,6 +137,8 @@ def test_expert_parallel_traffic_matches_the_cost_model(runs):
     model = D.cost_model(2, d_in=D_IN, n_latents=N_LAT, k=K, n_experts=4, batch_size=B).set_index("mode")
     predicted = model.loc["expert parallel", "all_to_all_bytes"]
     assert 0.75 * predicted < measured < 1.25 * predicted
+    reduced = runs["two"][0][("switch", True)][0].attrs["traffic_per_step"]["all_reduce"]
+    assert reduced == pytest.approx(model.loc["expert parallel", "all_reduce_bytes"])   # no randomness in it
 
 
 @pytest.mark.parametrize("kind,ep", CKPT_JOBS)
@@ -221,15 +223,23 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
 def test_cost_model():
     df = D.cost_model(8, d_in=768, n_latents=24576, k=32, n_experts=16, batch_size=4096).set_index("mode")
     assert df.loc["expert parallel", "compute_s"] == pytest.approx(df.loc["1 device", "compute_s"] / 8)
-    # expert parallel sends ~ (N-1)/N^2 * B * (3d + 4k) values per device, data parallel ~2 (N-1)/N * 2 n d
-    a2a = 7 / 64 * 4096 * ((3 * 768 + 4 * 32) * 4 + 33 * 8)
+    assert df.loc["data parallel", "compute_s"] == pytest.approx(df.loc["1 device", "compute_s"] / 8)
+    # expert parallel: (N-1)/N^2 * B pairs leave each device, (3d + 4k) float32 + (k+1) int64 each
+    a2a = 7 / 64 * 4096 * ((3 * 768 + 4 * 32) * 4 + 33 * 8) + 8 * 7
     assert df.loc["expert parallel", "all_to_all_bytes"] == pytest.approx(a2a)
-    assert df.loc["data parallel", "all_reduce_bytes"] == pytest.approx(2 * 7 / 8 * (2 * 24576 * 768 + 16 * 768 + 2 * 768) * 4)
+    small = 8 * (6 + 2 * 768) + 24576 + 8 * 16
+    assert df.loc["data parallel", "all_reduce_bytes"] == pytest.approx(4 * (2 * 24576 * 768 + 16 * 768 + 2 * 768) + small)
+    assert df.loc["data parallel", "wire_bytes"] == pytest.approx(2 * 7 / 8 * df.loc["data parallel", "all_reduce_bytes"])
     b0 = D.pays_from_batch(8, 768, 24576, 32, 16)
+    assert b0 == D.cost_model(8).attrs["pays_from_batch"]
     assert 0 < b0 < math.inf
     faster = D.cost_model(8, batch_size=int(2 * b0) + 1).set_index("mode")
     slower = D.cost_model(8, batch_size=max(1, int(b0 / 2))).set_index("mode")
     assert faster.loc["expert parallel", "speedup"] > 1 > slower.loc["expert parallel", "speedup"]
     assert D.pays_from_batch(8, 768, 24576, 32, 16, bandwidth_bytes_per_s=1e6) == math.inf
+    below = D.cost_model(8).attrs["ep_beats_dp_below_batch"]
+    assert 0 < below < math.inf
+    at = D.cost_model(8, batch_size=int(below * 0.9)).set_index("mode")["step_s"]
+    assert at["expert parallel"] < at["data parallel"]
     with pytest.raises(ValueError, match="n_experts=16 is not divisible by n_gpus=3"):
         D.cost_model(3)
