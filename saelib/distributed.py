@@ -240,6 +240,7 @@ class _Run:
         self.params = [own[name] if name in SHARDED and expert_parallel else p for name, p in sae.named_parameters()]
         self.sharded = [name in SHARDED and expert_parallel for name in self.names]
         self.load = None
+        self.release()
         self.guess = None
 
     # -- forward passes -------------------------------------------------
@@ -353,14 +354,23 @@ class _Run:
         return self.loc if self.ep else self.sae
 
     # -- full model and optimizer state (expert parallel: gathered) -------
+    def release(self):
+        """Expert parallel: free the full SAE's expert tensors while training (each rank then
+        holds only its shard, ``O(n d / W)``); :meth:`gather_full` brings them back."""
+        if self.ep:
+            for name, sh in zip(self.names, self.sharded):
+                if sh:
+                    t = getattr(self.sae, name)
+                    t.data = t.data.new_empty(0)
+
     def gather_full(self):
-        """Copy every rank's expert shards into ``self.sae`` (collective)."""
+        """Put every rank's expert shards into ``self.sae``'s full tensors (collective)."""
         if not self.ep:
             return
         with torch.no_grad():
             for name, p, sh in zip(self.names, self.params, self.sharded):
                 if sh:
-                    getattr(self.sae, name).copy_(torch.cat(_all_gather(p.detach())))
+                    getattr(self.sae, name).data = torch.cat(_all_gather(p.detach()))
 
     def full_optim_state(self, opt):
         sd = opt.state_dict()
@@ -389,15 +399,6 @@ class _Run:
             if st:
                 state[i] = st
         return {"state": state, "param_groups": full["param_groups"]}
-
-    def load_full(self, model_state):
-        self.sae.load_state_dict(model_state)
-        if self.ep:
-            fresh = shard_experts(self.sae, self.rank, self.W)
-            with torch.no_grad():
-                for name, p, sh in zip(self.names, self.params, self.sharded):
-                    if sh:
-                        p.copy_(getattr(fresh, name))
 
 
 @contextlib.contextmanager
@@ -562,10 +563,11 @@ def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None =
         opt.load_state_dict(run.local_optim_state(state["optim"]))
         del state
         if start >= steps:
+            run.gather_full()
             sae.eval()
             return _finish(history, args, W, {}, 0)
 
-    def checkpoint(step):
+    def checkpoint(step, final=False):
         run.gather_full()
         optim = run.full_optim_state(opt)
         if rank == 0:
@@ -574,6 +576,8 @@ def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None =
                       wall_time=wall0 + time.perf_counter() - t0)
             with atomic_path(ckpt) as tmp:
                 torch.save(st, tmp)
+        if not final:
+            run.release()
         dist.barrier()
 
     decay_start = int(steps * (1 - train.DECAY_FRACTION))
@@ -624,7 +628,7 @@ def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None =
         bar.close()
     n_steps = steps - start
     if ckpt is not None:
-        checkpoint(steps)
+        checkpoint(steps, final=True)
     else:
         run.gather_full()
     sae.eval()

@@ -59,6 +59,8 @@ def two_rank_work(data, ckpt_dir, cli_argv):
     for kind, ep in CKPT_JOBS:
         kw = dict(KW, checkpoint_every=EVERY)
         out[("resume", kind, ep)] = D.fit_worker(spec(kind), data, dict(kw, checkpoint_path=f"{ckpt_dir}/one_{kind}.pt"), ep)
+        # the same call again: the checkpoint is finished, the SAE comes back as saved
+        out[("finished", kind, ep)] = D.fit_worker(spec(kind), data, dict(kw, checkpoint_path=f"{ckpt_dir}/one_{kind}.pt"), ep)
         orig = _interrupted(D, "_step", STOP)
         try:
             D.fit_worker(spec(kind), data, dict(kw, checkpoint_path=f"{ckpt_dir}/two_{kind}.pt"), ep)
@@ -147,6 +149,9 @@ def test_checkpoint_one_rank_resumes_on_two(runs, kind, ep):
     h2, sd2 = runs["two"][0][("resume", kind, ep)]
     assert_same_history(h1, h2)
     assert_same_weights(sd1, sd2)
+    h3, sd3 = runs["two"][1][("finished", kind, ep)]
+    assert_same_history(h1, h3)
+    assert_same_weights(sd1, sd3)
 
 
 @pytest.mark.parametrize("kind,ep", CKPT_JOBS)
@@ -183,6 +188,23 @@ def test_shard_stream_splits_batch_stream():
     shards = [D.shard_stream(data, B, 3, r, 4, start=5) for r in range(4)]
     for _ in range(12):      # crosses an epoch boundary (8 batches per epoch)
         assert torch.equal(torch.cat([next(s) for s in shards]), next(ref))
+
+
+def test_expert_shards():
+    """Rank 1 of 2 owns experts 2 and 3 (rows 32..63, omega[2:4]), shares the replicated
+    parameters, and the full SAE's expert tensors are freed while it trains."""
+    sae = saes.build(**spec("scale"))
+    full = {k: v.clone() for k, v in sae.state_dict().items()}
+    run = D._Run(sae, 1, 2, expert_parallel=True)
+    loc = run.loc
+    assert torch.equal(loc.W_enc, full["W_enc"][32:]) and torch.equal(loc.W_dec, full["W_dec"][32:])
+    assert torch.equal(loc.omega, full["omega"][2:])
+    assert loc.b_pre is sae.b_pre and loc.W_router is sae.W_router
+    names = [n for n, _ in saes.build(**spec("scale")).named_parameters()]
+    own = {"W_enc": loc.W_enc, "W_dec": loc.W_dec, "omega": loc.omega}
+    assert all(p is (own[n] if n in own else getattr(sae, n)) for n, p in zip(names, run.params))
+    assert sae.W_enc.numel() == 0 and sae.W_dec.numel() == 0 and sae.omega.numel() == 0
+    assert sum(p.numel() for p in run.params) == N_LAT * D_IN + 2 + D_IN * (2 + 4)
 
 
 def test_bad_parallel_settings_raise_before_work():
