@@ -18,13 +18,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 D_IN, N_LAT, K, B, STEPS, STOP, EVERY = 16, 64, 4, 64, 16, 11, 8
 KW = dict(steps=STEPS, batch_size=B, seed=0, log_every=2, progress=False, device="cpu")
-SPECS = {"topk": {}, "batchtopk": {}, "switch": {"n_experts": 4}, "scale": {"n_experts": 4, "n_active": 2}}
+SPECS = {"topk": {}, "batchtopk": {}, "switch": {"n_experts": 4}, "scale": {"n_experts": 4, "n_active": 2},
+         "relu": {}, "gated": {}}
 JOBS = [(kind, False) for kind in SPECS] + [("switch", True), ("scale", True)]
+AUXK = dict(aux_k=8, dead_window=2 * B)        # latents die within the run, so AuxK acts
 CKPT_JOBS = [("batchtopk", False), ("scale", True)]
 
 
 def spec(kind):
-    return dict(kind=kind, d_in=D_IN, n_latents=N_LAT, k=K, seed=0, **SPECS[kind])
+    return dict(kind=kind, d_in=D_IN, n_latents=N_LAT, seed=0, **SPECS[kind],
+                **({"k": K} if kind in saes.TOPK_KINDS else {}))
 
 
 def make_data():
@@ -56,6 +59,7 @@ def two_rank_work(data, ckpt_dir, cli_argv):
     out = {}
     for kind, ep in JOBS:
         out[(kind, ep)] = D.fit_worker(spec(kind), data, KW, ep)
+    out["auxk"] = D.fit_worker(spec("topk"), data, dict(KW, **AUXK))
     for kind, ep in CKPT_JOBS:
         kw = dict(KW, checkpoint_every=EVERY)
         out[("resume", kind, ep)] = D.fit_worker(spec(kind), data, dict(kw, checkpoint_path=f"{ckpt_dir}/one_{kind}.pt"), ep)
@@ -89,6 +93,8 @@ def runs(tmp_path_factory):
     for kind in SPECS:
         sae = saes.build(**spec(kind))
         ref[kind] = (train.fit(sae, data, **KW), {k: v.clone() for k, v in sae.state_dict().items()})
+    sae = saes.build(**spec("topk"))
+    ref["auxk"] = (train.fit(sae, data, **KW, **AUXK), {k: v.clone() for k, v in sae.state_dict().items()})
     for kind, _ in CKPT_JOBS:   # a 1-rank run stopped after its checkpoint at step EVERY
         orig = _interrupted(train, "_train_step", STOP)
         try:
@@ -130,6 +136,14 @@ def test_two_ranks_equal_one_process(runs, kind, ep):
     traffic = h_a.attrs["traffic_per_step"]
     assert (traffic["all_to_all"] > 0) == ep           # only expert parallelism moves rows
     assert traffic["all_reduce"] > 0
+
+
+def test_two_ranks_equal_one_process_with_auxk(runs):
+    h1, sd1 = runs["ref"]["auxk"]
+    assert h1["auxk"].max() > 0
+    h2, sd2 = runs["two"][0]["auxk"]
+    assert_same_history(h1, h2)
+    assert_same_weights(sd1, sd2)
 
 
 def test_expert_parallel_traffic_matches_the_cost_model(runs):
@@ -240,6 +254,26 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert "--n-experts 4 is not divisible by the 3 ranks" in err
     assert "--batch-size 32 is not divisible by the 3 ranks" in _cli_error(base + ["--kind", "topk", "--k", "2"], capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_config_file_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"acts": make_data(), "other": torch.zeros(3)}, str(tmp_path / "acts.safetensors"))
+    with pytest.raises(ValueError, match="choose one with --data-key"):
+        train_cli.open_data(tmp_path / "acts.safetensors")
+    assert train_cli.open_data(tmp_path / "acts.safetensors", "acts").shape == (512, D_IN)
+    (tmp_path / "run.yaml").write_text("kind: topk\nn_latents: 32\nk: 3\nsteps: 4\nbatch_size: 64\nseed: 2\n")
+    argv = ["--config", str(tmp_path / "run.yaml"), "--data", str(tmp_path / "acts.safetensors"),
+            "--data-key", "acts", "--out", str(tmp_path / "o"), "--steps", "6", "--device", "cpu"]
+    assert train_cli.main(argv) == 0
+    sae = saes.load(tmp_path / "o" / "sae")
+    assert (sae.kind, sae.n_latents, sae.k, sae.config["seed"]) == ("topk", 32, 3, 2)
+    hist = pd.read_json(tmp_path / "o" / "history.jsonl", lines=True)
+    assert hist["step"].iloc[-1] == 6                      # the flag wins over the file
+    with pytest.raises(SystemExit):                         # finished SAE in --out: refused without --overwrite
+        train_cli.main(argv)
+    assert train_cli.main(argv + ["--overwrite"]) == 0
 
 
 def test_cost_model():
