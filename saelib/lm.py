@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from . import data, moe_lm
-from .utils import (atomic_path, cache_dir, check_choice, check_positive_int, config_hash, progress,
+from .utils import (atomic_path, cache_dir, check_choice, check_positive_int, config_hash, entry_lock, progress,
+                    usable_entry,
                     resolve_device, set_seed, tune_malloc)
 
 LM_VERSION = 1  # bump when training changes: invalidates cached models
@@ -128,12 +129,13 @@ def train_lm(tokenized, tokenizer, *, n_layer: int, n_embd: int, n_head: int, n_
                        "train": data.token_hash(tokenized["train"]),
                        "validation": data.token_hash(tokenized["validation"])})
     path = cache_dir("lm") / key
-    if not (path / "history.json").exists():
-        model, history = _train(tokenized, tokenizer, config, resolve_device(device))
-        with atomic_path(path) as tmp, _hf_quiet():
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-            (tmp / "history.json").write_text(json.dumps({**history, "key": key}, indent=1))
+    with entry_lock(path):      # a second process wanting this model waits for the first, then loads it
+        if not (usable_entry(path, "language model") and (path / "history.json").exists()):
+            model, history = _train(tokenized, tokenizer, config, resolve_device(device))
+            with atomic_path(path) as tmp, _hf_quiet():
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+                (tmp / "history.json").write_text(json.dumps({**history, "key": key}, indent=1))
     history = json.loads((path / "history.json").read_text())
     history["path"] = str(path)
     return load_model(path, device), history

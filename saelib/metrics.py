@@ -193,8 +193,12 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Fraction of variance unexplained,
     ``sum_x ||x - x_hat||^2 / sum_x ||x - mean(x)||^2`` (mean over the rows given).
     0 is a perfect reconstruction, 1 is as good as predicting the mean."""
+    from .train import fvu_ratio
+
     x, x_hat = x.detach().double(), x_hat.detach().double()
-    return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    n = max(1, x.shape[0])
+    return fvu_ratio(float(((x - x_hat) ** 2).sum()) / n, float(((x - x.mean(0)) ** 2).sum()) / n,
+                     float((x ** 2).sum()) / n)
 
 
 def l0(acts: torch.Tensor) -> float:

@@ -560,12 +560,17 @@ class _MeanSqErr(torch.autograd.Function):
 
 
 def load(path, device="cpu") -> SAE:
-    """Load an SAE written by :meth:`SAE.save`."""
+    """Load an SAE written by :meth:`SAE.save`. When the folder carries a checksum manifest
+    (a cache entry written through ``utils.atomic_path``), it is verified first:
+    ``utils.CacheEntryError`` (a ValueError) names a damaged file."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / CONFIG_FILE).exists():
         raise ValueError(f"path={str(path)!r} holds no {CONFIG_FILE}; not a saved SAE")
+    from .utils import verify_entry
+
+    verify_entry(path)                 # a damaged file of a checksummed entry raises, naming it
     cfg = json.loads((path / CONFIG_FILE).read_text())
     sae = SAE(cfg)
     sae.load_state_dict(load_file(str(path / WEIGHTS_FILE)))

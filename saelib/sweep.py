@@ -48,7 +48,8 @@ import pandas as pd
 import torch
 
 from . import kernels, metrics, saes, scaling, train
-from .utils import atomic_path, cache_dir, check_choice, check_positive_int, config_hash, progress
+from .utils import (atomic_path, cache_dir, check_choice, check_positive_int, config_hash, entry_lock, progress,
+                    usable_entry)
 
 CACHE_VERSION = 1
 RUN_FILE, HISTORY_FILE, SAE_DIR = "run.json", "history.json", "sae"
@@ -154,7 +155,7 @@ def lr_law(n_latents: int, base: float = 2e-4) -> float:
     tuned for ~100k-step runs; a short run needs a larger ``base``)."""
     check_positive_int("n_latents", n_latents)
     if not (isinstance(base, (int, float)) and base > 0 and math.isfinite(base)):
-        raise ValueError(f"base must be a positive number, got {base!r}")
+        raise ValueError(f"lr_base must be a positive number, got {base!r}")
     return float(base) / math.sqrt(n_latents / 2**14)
 
 
@@ -191,8 +192,15 @@ def train_sae(data, kind: str, *, steps: int, batch_size: int, seed: int = 0, lr
     Trains with the calling process's torch thread count (:func:`sweep` sets it)."""
     sae, lr, cfg, path = _resolve(data, kind, steps=steps, batch_size=batch_size, seed=seed, lr=lr, lr_base=lr_base,
                                   normalize=normalize, aux_k=aux_k, build_kwargs=build_kwargs)
-    if (path / RUN_FILE).exists():
-        return _load(path, name)
+    with entry_lock(path):            # a second process asking for the same SAE waits, then loads it
+        if usable_entry(path, "SAE") and (path / RUN_FILE).exists():
+            return _load(path, name)
+        return _train_and_save(sae, data, path, cfg, name, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                               normalize=normalize, aux_k=aux_k, device=device, progress_bar=progress_bar)
+
+
+def _train_and_save(sae, data, path, cfg, name, *, steps, batch_size, lr, seed, normalize, aux_k, device,
+                    progress_bar) -> Run:
     t0 = time.perf_counter()
     history = train.fit(sae, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, normalize=normalize,
                         aux_k=aux_k, device=device, progress=progress_bar)
@@ -290,7 +298,7 @@ def sweep(data, specs: list[dict], *, steps: int, batch_size: int, seed: int = 0
         plans.append((path, name, tags, kind, {**kw, **spec}, name or f"spec {i} ({kind})"))
     todo = {}
     for path, _, _, kind, kw, label in plans:
-        if not (path / RUN_FILE).exists() and path not in todo:
+        if not (usable_entry(path, "SAE") and (path / RUN_FILE).exists()) and path not in todo:
             todo[path] = (kind, kw, label)
     if todo:
         ref = _portable(data)
