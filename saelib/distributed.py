@@ -1,6 +1,6 @@
 """Data- and expert-parallel SAE training on ``torch.distributed`` (launched with ``torchrun``).
 
-[switch] sec. 6: "each expert can be placed on a separate GPU, leading to significant wall
+[switch] sec. 5: "each expert can be placed on a separate GPU, leading to significant wall
 clock training speed ups". This module trains one SAE on ``W`` ranks so that the result
 equals a one-process :func:`saelib.train.fit` on the same global batch, to float tolerance:
 
@@ -180,6 +180,7 @@ def shard_stream(data, batch_size: int, seed: int, rank: int, world_size: int, s
     if not torch.is_tensor(data):
         for x in train.batch_stream(data, batch_size, seed, start=start, device=device):
             yield x[lo:lo + b]
+        return
     n = len(data)
     per_epoch = n // batch_size
     if per_epoch == 0:
@@ -675,7 +676,8 @@ def launch(fn, nprocs: int, *args, threads: int = 1, timeout: float = 600.0) -> 
     this machine (``nprocs=1``: one process, no group), each with ``threads`` torch threads;
     return the ranks' results in rank order. ``fn`` must be importable (module level); its
     results are pickled. A failure in any rank raises RuntimeError with that rank's
-    traceback; the processes are stopped after ``timeout`` seconds."""
+    traceback; the processes are stopped after ``timeout`` seconds. Processes are spawned, so
+    a script calling this needs the ``if __name__ == "__main__":`` guard."""
     import multiprocessing as mp
     import pickle
     import queue as queue_mod
@@ -713,7 +715,8 @@ def launch(fn, nprocs: int, *args, threads: int = 1, timeout: float = 600.0) -> 
                 p.terminate()
                 p.join()
     if errors or len(results) < nprocs:
-        raise RuntimeError("launch: a rank failed\n" + ("\n".join(errors) or "(a process exited without a result)"))
+        raise RuntimeError("launch: a rank failed\n" + ("\n".join(errors) or "a process exited without a result (a script that calls launch needs the "
+                                                  "`if __name__ == '__main__':` guard: processes are spawned)"))
     return [results[r] for r in range(nprocs)]
 
 

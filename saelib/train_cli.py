@@ -63,8 +63,10 @@ def _positive(text):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m saelib.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m saelib.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Train one SAE (saes.build + train.fit) on one process, or on many "
+                                            "under torchrun (data or expert parallel).",
+                                epilog="examples:\n" + __doc__.split("\n\n")[1])
     p.add_argument("--config", type=Path, help="YAML file with any of these settings (underscored names)")
     a = p.add_argument_group("SAE (saes.build)")
     a.add_argument("--kind", choices=saes.KINDS)
@@ -75,8 +77,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--l1-coef", type=float, help="relu/gated sparsity coefficient")
     a.add_argument("--alpha", type=float, help="switch/scale load-balancing weight (default 3)")
     t = p.add_argument_group("training (train.fit)")
-    t.add_argument("--steps", type=_positive)
-    t.add_argument("--batch-size", type=_positive, help="global batch (rows per step over all ranks)")
+    t.add_argument("--steps", type=_positive, help="default 2000")
+    t.add_argument("--batch-size", type=_positive, help="global batch (rows per step over all ranks), default 1024")
     t.add_argument("--lr", type=float, help="default 2e-4 / sqrt(n_latents / 2**14)")
     t.add_argument("--seed", type=int)
     t.add_argument("--normalize", choices=("unit", "none"), help="default unit")
@@ -115,6 +117,20 @@ def settings(argv=None) -> tuple[dict, argparse.ArgumentParser]:
         unknown = sorted(set(loaded) - set(FLAGS))
         if unknown:
             p.error(f"--config {ns.config}: unknown settings {unknown}; allowed: {sorted(FLAGS)}")
+        actions = {a.dest: a for a in p._actions}
+        for key, val in loaded.items():      # the flags' own checks, on the file's values
+            act = actions[key]
+            if act.type is None and act.choices is None and act.const is True:
+                if not isinstance(val, bool):
+                    p.error(f"--config {ns.config}: {key} must be true or false, got {val!r}")
+                continue
+            try:
+                val = act.type(str(val)) if act.type is not None else val
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                p.error(f"--config {ns.config}: {key}: {e}")
+            if act.choices is not None and val not in act.choices:
+                p.error(f"--config {ns.config}: {key}={val!r} is not allowed; choose one of {list(act.choices)}")
+            loaded[key] = val
         cfg.update(loaded)
     cfg.update({key: val for key, val in vars(ns).items() if val is not None and key != "config"})
     for key in ("data", "out"):

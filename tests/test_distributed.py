@@ -253,6 +253,8 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
                              "--expert-parallel"], capsys)
     assert "--n-experts 4 is not divisible by the 3 ranks" in err
     assert "--batch-size 32 is not divisible by the 3 ranks" in _cli_error(base + ["--kind", "topk", "--k", "2"], capsys)
+    (tmp_path / "bad.yaml").write_text("kind: topk\nk: many\n")
+    assert "k: expected a positive integer, got 'many'" in _cli_error(base + ["--config", str(tmp_path / "bad.yaml")], capsys)
     assert not (tmp_path / "o").exists()
 
 
