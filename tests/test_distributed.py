@@ -19,14 +19,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 D_IN, N_LAT, K, B, STEPS, STOP, EVERY = 16, 64, 4, 64, 16, 11, 8
 KW = dict(steps=STEPS, batch_size=B, seed=0, log_every=2, progress=False, device="cpu")
 SPECS = {"topk": {}, "batchtopk": {}, "switch": {"n_experts": 4}, "scale": {"n_experts": 4, "n_active": 2},
-         "relu": {}, "gated": {}}
-JOBS = [(kind, False) for kind in SPECS] + [("switch", True), ("scale", True)]
+         "relu": {}, "gated": {},
+         "scale-learned": {"n_experts": 4, "n_active": 2, "decomposition": "learned", "renormalize_router": True}}
+JOBS = [(name, False) for name in SPECS] + [("switch", True), ("scale", True), ("scale-learned", True)]
 AUXK = dict(aux_k=8, dead_window=2 * B)        # latents die within the run, so AuxK acts
 CKPT_JOBS = [("batchtopk", False), ("scale", True)]
 
 
-def spec(kind):
-    return dict(kind=kind, d_in=D_IN, n_latents=N_LAT, seed=0, **SPECS[kind],
+def spec(name):
+    kind = name.split("-")[0]
+    return dict(kind=kind, d_in=D_IN, n_latents=N_LAT, seed=0, **SPECS[name],
                 **({"k": K} if kind in saes.TOPK_KINDS else {}))
 
 
