@@ -58,6 +58,7 @@ def model_plan(cfg: dict):
                          f"got {c3['batch_size']!r}")
     base = copy.deepcopy(cfg)
     base["data"].update(c3.get("data") or {})
+    base["data"].setdefault("seed", cfg.get("seed", 0))   # a model seed (e.g. a replicate) never changes the data
     base["lm"].update(name=None, n_ctx=c3["n_ctx"])
     rows = len(data.token_array(lm.prepare_data(base)[2]["train"]))
     plan, cfgs = [], []
@@ -69,7 +70,8 @@ def model_plan(cfg: dict):
                 raise ValueError(f"chapter03.batch_size={B} is larger than the corpus ({rows} rows)")
             for size in PAPER_SIZES:
                 s = dict(c3["sizes"][size])
-                E = int(s.pop("n_experts")) if arch == "switch" else 1
+                n_exp = int(s.pop("n_experts"))
+                E = n_exp if arch == "switch" else 1
                 m = copy.deepcopy(base)
                 m["lm"].update(s, n_experts=E, batch_size=int(B), steps=int(steps), lr=float(c3["lr"]),
                                warmup=max(1, int(c3["warmup_frac"] * steps)), eval_every=int(steps),
@@ -77,7 +79,55 @@ def model_plan(cfg: dict):
                 cfgs.append(m)
                 plan.append({"model": f"{arch.capitalize()}-{size}", "arch": arch, "size": size, "regime": regime,
                              "batch_size": int(B), "steps": int(steps), "n_experts": E, **s})
-    return pd.DataFrame(plan), cfgs
+    plan = pd.DataFrame(plan)
+    plan.attrs["rows"] = rows
+    return plan, cfgs
+
+
+def epoch_cfg(cfg: dict, batch_size: int, rows: int, seed: int | None = None) -> dict:
+    """A copy of a :func:`model_plan` config trained for one epoch of ``rows`` sequences at
+    ``batch_size`` (steps, warm-up fraction and evaluation point follow), optionally with
+    another model ``seed`` (the data keep theirs)."""
+    import copy
+
+    check_positive_int("batch_size", batch_size)
+    c3 = cfg["chapter03"]
+    out = copy.deepcopy(cfg)
+    steps = rows // batch_size
+    if steps < 1:
+        raise ValueError(f"batch_size={batch_size} is larger than the corpus ({rows} rows)")
+    out["lm"].update(batch_size=int(batch_size), steps=int(steps), warmup=max(1, int(c3["warmup_frac"] * steps)),
+                     eval_every=int(steps))
+    if seed is not None:
+        out["seed"] = int(seed)
+    return out
+
+
+def run_algorithm2(cfg: dict, rows: int, B0: int, tau: float, B_min: int, decay_factor: float,
+                   eval_batch_size: int = 16) -> dict:
+    """[laws] Algorithm 2 (:func:`saelib.moe_lm.adaptive_batch_size`) on the Switch model of
+    ``cfg``: ``train_eval(B)`` trains it from the same initialisation (same seed) for one epoch
+    of ``rows`` sequences at batch size ``B`` (cached; one thread, in this process) and returns
+    ``p = 1 / PPL`` on the whole validation split. Returns the algorithm's dict plus ``runs``, a
+    DataFrame (B, steps, val_ppl, train_seconds, path) in the order tried."""
+    import pandas as pd
+
+    from . import lm
+    from .moe_lm import adaptive_batch_size
+
+    runs = []
+
+    def train_eval(B):
+        cf = epoch_cfg(cfg, B, rows)
+        sm = lm.train_many([cf], workers=1, threads=1, labels=[f"B={B}"], desc="Algorithm 2")[0]
+        ppl = float(lm.evaluate(sm.model, sm.tokenized["validation"], eval_batch_size).set_index("domain").ppl["all"])
+        runs.append({"B": B, "steps": cf["lm"]["steps"], "val_ppl": ppl,
+                     "train_seconds": float(sm.history["train_seconds"]), "path": sm.path})
+        return 1.0 / ppl
+
+    out = adaptive_batch_size(train_eval, B0, tau, B_min, decay_factor)
+    out["runs"] = pd.DataFrame(runs)
+    return out
 
 
 # ----------------------------------------------------------------------------- chapter 03: SAE analysis (Algorithm 1)
@@ -244,7 +294,7 @@ def summarize_models(plan, sms, batch_size: int = 16) -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
-def routing_table(plan, sms, tokens_of=lambda sm: sm.tokenized["test"]):
+def routing_table(plan, sms, max_rows: int | None = None, tokens_of=lambda sm: sm.tokenized["test"]):
     """:func:`routing_stats` of every Switch model on held-out text: ``(summary, stats)``:
     a DataFrame (plan columns + :meth:`RoutingStats.summary` per layer) and
     ``{model label: RoutingStats}`` for the figures (label = "model regime")."""
@@ -254,7 +304,7 @@ def routing_table(plan, sms, tokens_of=lambda sm: sm.tokenized["test"]):
     for r, sm in zip(plan.to_dict("records"), sms):
         if r["n_experts"] == 1:
             continue
-        rs = routing_stats(sm.model, tokens_of(sm))
+        rs = routing_stats(sm.model, tokens_of(sm), max_rows=max_rows)
         stats[f"{r['model']} {r['regime']}"] = rs
         frames.append(rs.summary().assign(**{k: r[k] for k in ("model", "size", "regime")}))
     return pd.concat(frames, ignore_index=True), stats
