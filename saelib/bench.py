@@ -116,7 +116,7 @@ def _decoder_hooks(W_dec):
     applied to a bare ``W_dec``, so every row pays the same post-processing."""
     from . import saes
 
-    holder = types.SimpleNamespace(W_dec=W_dec)
+    holder = types.SimpleNamespace(W_dec=W_dec, _buffers={})   # no per-latent decoder scale
     return (lambda: saes.SAE.remove_parallel_grad_(holder)), (lambda: saes.SAE.normalize_decoder_(holder))
 
 
