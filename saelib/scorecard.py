@@ -96,7 +96,8 @@ def render(chapters: list[Path], book_dir: Path) -> str:
                  "* - §", "  - claim", "  - paper", "  - ours", "  - verdict", "  - rule and numbers"]
         for r in rows:
             ours = _text(r.get("our_value", "-")) if r.get("our_value", "-") not in (None, "-") else "-"
-            lines += [f"* - {_text(r.get('section'))}", f"  - {_text(r.get('claim'))} ({_ours(r.get('ours'))})",
+            where = "" if str(r.get("ours") or "-").strip() in ("-", "") else f" ({_ours(r.get('ours'))})"
+            lines += [f"* - {_text(r.get('section'))}", f"  - {_text(r.get('claim'))}{where}",
                       f"  - {_text(r.get('paper_value', '-'))}", f"  - {ours}",
                       f"  - **{_text(r.get('verdict'))}**", f"  - {_text(r.get('why'))}"]
         lines += ["```", ""]
