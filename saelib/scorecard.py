@@ -70,8 +70,10 @@ _ESCAPE = re.compile(r"([\\`*_\[\]<>|$])")
 
 
 def _text(s) -> str:
-    s = "" if s is None else str(s)
-    return _ESCAPE.sub(r"\\\1", " ".join(s.split())) or "-"
+    s = " ".join(("" if s is None else str(s)).split())
+    if s in ("", "-"):
+        return "–"                      # a bare "-" would start a list item in the table cell
+    return _ESCAPE.sub(r"\\\1", s)
 
 
 def _ours(s) -> str:
@@ -95,7 +97,7 @@ def render(chapters: list[Path], book_dir: Path) -> str:
                  "", "```{list-table}", ":header-rows: 1", ":widths: 5 27 9 11 9 39", "",
                  "* - §", "  - claim", "  - paper", "  - ours", "  - verdict", "  - rule and numbers"]
         for r in rows:
-            ours = _text(r.get("our_value", "-")) if r.get("our_value", "-") not in (None, "-") else "-"
+            ours = _text(r.get("our_value", "-"))
             where = "" if str(r.get("ours") or "-").strip() in ("-", "") else f" ({_ours(r.get('ours'))})"
             lines += [f"* - {_text(r.get('section'))}", f"  - {_text(r.get('claim'))}{where}",
                       f"  - {_text(r.get('paper_value', '-'))}", f"  - {ours}",

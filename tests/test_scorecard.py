@@ -31,5 +31,6 @@ def test_counts_rows_links_and_no_truncation(tmp_path):
     assert "x" * 300 in text and "..." not in text                      # the whole rule, not a truncated cell
     assert "\\[Switch SAEs\\] use \\*fewer\\* FLOPs ({numref}`fig-01-scaling`, FLOPs table)" in text
     assert "~10x" in text and "2.1x" in text and "**not testable here**" in text
+    assert "  - –" in text and "\n  - -\n" not in text               # "-" would render as a list bullet
     assert "00_subject_model" not in text                              # chapters without claims are skipped
     assert scorecard.claims_from_notebook(chapters / "01_switch_sae.ipynb")[0]["why"] == long_why
