@@ -224,6 +224,9 @@ def check_expert_parallel(config: dict, world_size: int) -> None:
     divisible by ``world_size``."""
     if config["kind"] not in saes.MOE_KINDS:
         raise ValueError(f"expert_parallel needs kind in {list(saes.MOE_KINDS)}, got kind={config['kind']!r}")
+    if config.get("weight_before_topk"):
+        raise ValueError("expert_parallel does not implement weight_before_topk=True (the official Scale code's "
+                         "TopK order); train it data-parallel (expert_parallel=False) or in one process")
     if config["n_experts"] % world_size:
         raise ValueError(f"expert_parallel: n_experts={config['n_experts']} is not divisible by the world size "
                          f"{world_size}; use a number of ranks that divides it")

@@ -37,7 +37,9 @@ Forward passes (``xc = x * s - b_pre``; ``s`` = ``config["norm_scaling_factor"]`
 * scale:     [scale] eq. 2.3-2.5: the ``n_active`` most probable experts, ONE global TopK
   over their ``n_active * m`` pre-activations, ``x_hat = sum_{i in T} p_i E_i(xc) + b_pre``
   with ``p`` the full softmax (``renormalize_router=True``: the official code's softmax
-  over the selected probabilities instead). Feature scaling (eq. 2.5) encodes with
+  over the selected probabilities instead; ``weight_before_topk=True``: the official code's
+  order, TopK over the router-weighted ``p_i ReLU(f_ij)`` instead of eq. 2.3's raw
+  ``f_ij``). Feature scaling (eq. 2.5) encodes with
   ``W_hat_i = W_low,i + (1 + omega_i)(W_i - W_low,i)``; ``W_low,i`` = mean of expert i's
   rows ("mean", the paper's method 0), the rectangular identity ``eye(m, d)``
   ("identity", appendix C method 1; ``I`` is only square when ``m == d``) or
@@ -113,7 +115,7 @@ class SAEOutput:
 def build(kind: str, *, d_in: int, n_latents: int, k: int | None = None, n_experts: int = 1,
           n_active: int | None = None, feature_scaling: bool | None = None, decomposition: str = "mean",
           l1_coef: float | None = None, alpha: float = 3.0, renormalize_router: bool = False,
-          balance_scale: str = "raw", seed: int = 0) -> "SAE":
+          weight_before_topk: bool = False, balance_scale: str = "raw", seed: int = 0) -> "SAE":
     """Build an SAE of ``kind`` (one of :data:`KINDS`).
 
     ``n_latents`` is the whole dictionary (split evenly over ``n_experts`` for switch and
@@ -128,6 +130,8 @@ def build(kind: str, *, d_in: int, n_latents: int, k: int | None = None, n_exper
     (the term is multiplied by ``s**2`` like the error); ``"normalized"`` weighs it against
     the error of the scaled inputs (the book's convention before chapter 01's review: at
     E||x||^2 = 9.2 d the balancing term then weighs 9.2x more than in the paper).
+    ``renormalize_router`` and ``weight_before_topk`` (scale only, default False: the paper)
+    are the official Scale code's router weights and TopK order (module docstring).
     ``seed`` fixes the initial weights. Bad input raises a ValueError naming the parameter."""
     check_choice("kind", kind, KINDS)
     check_positive_int("d_in", d_in)
@@ -173,16 +177,36 @@ def build(kind: str, *, d_in: int, n_latents: int, k: int | None = None, n_exper
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0 or math.isinf(alpha):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     check_choice("balance_scale", balance_scale, BALANCE_SCALES)
-    if renormalize_router and kind != "scale":
-        raise ValueError("renormalize_router=True is only allowed for kind='scale'")
+    for name, flag in (("renormalize_router", renormalize_router), ("weight_before_topk", weight_before_topk)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+        if flag and kind != "scale":
+            raise ValueError(f"{name}=True is only allowed for kind='scale', got kind={kind!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
     cfg = dict(kind=kind, d_in=int(d_in), n_latents=int(n_latents), k=None if k is None else int(k),
                n_experts=int(n_experts), n_active=int(n_active), feature_scaling=bool(feature_scaling),
                decomposition=decomposition, l1_coef=l1_coef, alpha=float(alpha) if moe else None,
                renormalize_router=bool(renormalize_router), seed=seed, norm_scaling_factor=1.0,
-               **({"balance_scale": balance_scale} if moe else {}))
+               **({"balance_scale": balance_scale} if moe else {}),
+               **({"weight_before_topk": True} if weight_before_topk else {}))   # absent = the paper's order
     return SAE(cfg)
+
+
+def _weighted_topk(x, W, expert_idx, w_sel, k, b_pre):
+    """The official Scale code's encoder order (``weight_before_topk=True``): every selected
+    expert's ``ReLU(W_i (x - b_pre))`` times its router weight, then one TopK over the
+    ``n_active * m`` weighted values; eq. 2.3 of the paper selects on the raw ``f_ij``.
+
+    x [B, d], W [E, m, d], expert_idx and w_sel [B, n_active] -> (values [B, k], already
+    router-weighted; global latent ids [B, k]). Dense over all experts, as the official code
+    runs every expert on every token: an option for comparison, not a fast path."""
+    E, m, d = W.shape
+    B, e = expert_idx.shape
+    pre = (x - b_pre) @ W.reshape(E * m, d).T                            # [B, E*m]
+    sel = pre.view(B, E, m).gather(1, expert_idx.unsqueeze(-1).expand(B, e, m))
+    vals, local = (sel.relu() * w_sel.unsqueeze(-1)).reshape(B, e * m).topk(k, dim=-1, sorted=False)
+    return vals, expert_idx.gather(1, torch.div(local, m, rounding_mode="floor")) * m + local % m
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -366,11 +390,15 @@ class SAE(nn.Module):
             inverse = kernels._inverse(rows)
             xs_s = xs.index_select(0, rows)
             eidx_s = expert_idx.index_select(0, rows)
-        z, idx = kernels.expert_topk_encode(xs_s, W, eidx_s, self.k, b_pre=self.b_pre)
-        if self.n_active == 1:                                  # every latent of a row is its expert's
-            v = z * weight.index_select(0, rows).gather(1, eidx_s)
-        else:                                                   # p_i(x) of each latent's expert
-            v = z * weight.index_select(0, rows).gather(1, idx // self.m)
+        if self.config.get("weight_before_topk"):               # official Scale code's order (v is weighted)
+            w_sel = weight.index_select(0, rows).gather(1, eidx_s)
+            v, idx = _weighted_topk(xs_s, W, eidx_s, w_sel, self.k, self.b_pre)
+        else:                                                   # [scale] eq. 2.3-2.4
+            z, idx = kernels.expert_topk_encode(xs_s, W, eidx_s, self.k, b_pre=self.b_pre)
+            if self.n_active == 1:                              # every latent of a row is its expert's
+                v = z * weight.index_select(0, rows).gather(1, eidx_s)
+            else:                                               # p_i(x) of each latent's expert
+                v = z * weight.index_select(0, rows).gather(1, idx // self.m)
         x_hat = kernels.sparse_decode(v, idx, self.W_dec)
         terms = {"router_probs": p, "router_weight": weight, "rows": rows, "inverse": inverse, "x_sorted": xs_s}
         return SAEOutput(x_hat, _l0(v), values=v.index_select(0, inverse), indices=idx.index_select(0, inverse),

@@ -303,3 +303,11 @@ def test_cost_model():
     assert at["expert parallel"] < at["data parallel"]
     with pytest.raises(ValueError, match="n_experts=16 is not divisible by n_gpus=3"):
         D.cost_model(3)
+
+
+def test_expert_parallel_refuses_the_official_topk_order():
+    from saelib import distributed, saes
+    cfg = saes.build("scale", d_in=4, n_latents=8, k=2, n_experts=2, weight_before_topk=True).config
+    with pytest.raises(ValueError, match="weight_before_topk"):
+        distributed.check_expert_parallel(cfg, 2)
+    distributed.check_expert_parallel(saes.build("scale", d_in=4, n_latents=8, k=2, n_experts=2).config, 2)

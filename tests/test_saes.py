@@ -118,6 +118,26 @@ def test_scale_global_topk_hand_built():
     sae.config["renormalize_router"] = True
     w = torch.softmax(torch.stack([p[0], p[2]]), 0)[1]
     assert torch.allclose(sae(x).x_hat[0], torch.tensor([0., 5., 4.]) * w)
+    # the official code's TopK order: select on p_i * ReLU(f_ij), so expert 0's 3 * p0 beats 4 * p2
+    sae.config["renormalize_router"] = False
+    sae.config["weight_before_topk"] = True
+    out = sae(x)
+    order = out.indices[0].argsort()
+    assert out.indices[0][order].tolist() == [0, 4]
+    assert torch.allclose(out.values[0][order], torch.stack([3 * p[0], 5 * p[2]]))
+    assert torch.allclose(out.x_hat[0], torch.stack([3 * p[0], 5 * p[2], torch.tensor(0.)]))
+    out.x_hat.sum().backward()                                        # differentiable in every weight
+    assert sae.W_enc.grad is not None and sae.W_router.grad is not None
+
+
+def test_weight_before_topk_is_scale_only_and_boolean():
+    with pytest.raises(ValueError, match="weight_before_topk=True is only allowed for kind='scale'"):
+        saes.build("switch", d_in=4, n_latents=8, k=2, n_experts=2, weight_before_topk=True)
+    with pytest.raises(ValueError, match="weight_before_topk must be True or False"):
+        saes.build("scale", d_in=4, n_latents=8, k=2, n_experts=2, weight_before_topk="yes")
+    sae = saes.build("scale", d_in=4, n_latents=8, k=2, n_experts=2, weight_before_topk=True)
+    assert sae.config["weight_before_topk"] is True
+    assert "weight_before_topk" not in saes.build("scale", d_in=4, n_latents=8, k=2, n_experts=2).config
 
 
 def test_scale_with_one_expert_and_no_scaling_equals_switch():
