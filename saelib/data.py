@@ -11,8 +11,12 @@ install (no dataset hub is reachable here), one named domain per source:
   gzipped ``.rst``/``.txt`` under ``/usr/share/doc/linux-doc-6.1/Documentation``,
   without ``translations/``), one document per file.
 
-``hf:<name>[:<config>]`` (``datasets.load_dataset``) and ``files:<glob>`` (local
-text) go through the same downstream code. Splits are per document, by a hash
+``hf:<name>[:<config>][@<revision>]`` (a hub dataset, ``datasets.load_dataset``),
+``hf:parquet:<files>`` (parquet files, local or ``hf://datasets/...``; also ``json``,
+``csv``, ``arrow``) and ``files:<glob>`` (local text) go through the same downstream
+code. The pinned ``datasets`` no longer runs dataset scripts; a script dataset such as
+``Skylion007/openwebtext`` loads from the parquet conversion the hub serves for it
+(``hf:Skylion007/openwebtext@refs/convert/parquet``), see :func:`load_corpus`. Splits are per document, by a hash
 of its id, so they do not depend on ``seed`` or on which other documents exist.
 Everything expensive (cleaned sources, tokenizer, packed chunks) is cached under
 ``cache_dir`` and written atomically.
@@ -31,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import atomic_path, cache_dir, cached, check_choice, check_positive_int, config_hash, quiet
+from .utils import (atomic_path, cache_dir, cached, check_choice, check_positive_int, config_hash, progress,
+                    quiet)
 
 DOMAINS = ("shakespeare", "pydocs", "kerneldocs")
 SPLITS = ("train", "validation", "test")
@@ -167,29 +172,159 @@ def _cached_domain(domain: str) -> tuple[list[str], list[str]]:
     return cached(path, build, load, f"cleaned corpus domain {domain!r}")
 
 
-def _load_hf(spec: str, max_docs=None, seed=0) -> dict[str, tuple[list[str], list[str]]]:
+FILE_BUILDERS = ("parquet", "json", "csv", "arrow")   # hf:<builder>:<data_files>
+PARQUET_REVISION = "refs/convert/parquet"               # the hub's parquet conversion of every dataset
+STREAM_BUFFER = 10_000                                  # documents in the shuffle buffer of a streamed sample
+STREAM_VERSION = 1                                      # bump when the streamed sample changes
+
+
+def parse_hf(spec: str) -> dict:
+    """The parts of a corpus spec after ``hf:``.
+
+    ``<name>[:<config>][@<revision>]``: a hub dataset (or a local dataset folder), e.g.
+    ``Skylion007/openwebtext@refs/convert/parquet``. With ``revision="refs/convert/parquet"``
+    (the hub's parquet conversion, one folder per config) ``config`` selects that folder.
+    ``<builder>:<data_files>`` with builder in :data:`FILE_BUILDERS`: data files, e.g.
+    ``parquet:/data/owt/*.parquet`` or ``parquet:hf://datasets/<repo>@<rev>/<dir>/*.parquet``
+    (a revision inside an ``hf://`` path is URL-encoded: ``refs%2Fconvert%2Fparquet``).
+
+    Returns ``{"path", "config", "revision", "data_files", "domain", "remote"}``; ``domain``
+    is the corpus's one domain name: the dataset's name (``openwebtext``, ``tiny-v1`` with a
+    config), for data files the repository of an ``hf://`` path or else the folder holding them.
+    ``remote``: whether the data comes over the network (streamed when a sample is asked for).
+    >>> parse_hf("Skylion007/openwebtext@refs/convert/parquet")["domain"]
+    'openwebtext'
+    """
+    builder, sep, files = spec.partition(":")
+    if sep and builder in FILE_BUILDERS:
+        if not files:
+            raise ValueError(f"corpus='hf:{spec}': name the files, e.g. 'hf:{builder}:/data/*.{builder}'")
+        hub = re.match(r"hf://datasets/[^/@]+/([^/@]+)", files)
+        if hub:
+            domain = hub.group(1)
+        else:
+            parts = [x for x in files.replace(os.sep, "/").split("/")[:-1] if x and not any(c in x for c in "*?[")]
+            domain = parts[-1] if parts else builder
+        return {"path": builder, "config": None, "revision": None, "data_files": files, "domain": domain,
+                "remote": files.startswith(("hf://", "http://", "https://", "s3://", "gs://"))}
+    rest, _, revision = spec.partition("@")
+    name, _, config = rest.partition(":")
+    if not name:
+        raise ValueError(f"corpus='hf:{spec}' names no dataset; use 'hf:<name>[:<config>][@<revision>]'")
+    return {"path": name, "config": config or None, "revision": revision or None, "data_files": None,
+            "domain": name.rstrip("/").split("/")[-1] + (f"-{config}" if config else ""),
+            "remote": not os.path.isdir(os.path.expanduser(name))}
+
+
+def _script_error(spec: str, p: dict, e: Exception) -> ValueError:
+    name = p["path"]
+    return ValueError(
+        f"corpus='hf:{spec}': {name} is a script dataset, and datasets (pinned) no longer runs dataset scripts "
+        f"({e}). Load the parquet conversion the hub serves for it instead: corpus='hf:{name}@{PARQUET_REVISION}' "
+        f"(add ':<config>' before '@' to pick a config), or its parquet files: corpus='hf:parquet:hf://datasets/"
+        f"{name}@{PARQUET_REVISION.replace('/', '%2F')}/<config>/<split>/*.parquet' (or a local copy, "
+        "'hf:parquet:/path/*.parquet')")
+
+
+def _text_column(ds, split: str, spec: str) -> str:
+    """The text column of a split: ``text`` if it is a string column, else the first string column."""
+    feats = getattr(ds, "features", None)
+    if feats:
+        strs = [c for c, f in feats.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        cols = list(feats)
+    else:                      # a stream without known features: look at its first row
+        row = next(iter(ds), {})
+        strs, cols = [c for c, v in row.items() if isinstance(v, str)], list(row)
+    if not strs:
+        raise ValueError(f"corpus='hf:{spec}': split {split!r} has no string column (columns: {cols}); "
+                         "a pre-tokenised dataset cannot be used: load one with the raw text")
+    return "text" if "text" in strs else strs[0]
+
+
+def _open_hf(spec: str, p: dict, streaming: bool):
     import datasets
 
-    name, _, config = spec.partition(":")
+    kw = {}
+    if p["data_files"] is not None:
+        kw["data_files"] = p["data_files"]
+    if p["revision"]:
+        kw["revision"] = p["revision"]
+    config = p["config"]
+    if config and p["revision"] == PARQUET_REVISION:   # the conversion has one folder per config, no configs
+        kw["data_dir"], config = config, None
+    if streaming:
+        kw["streaming"] = True
     try:
-        dsd = datasets.load_dataset(name, config or None)
+        dsd = datasets.load_dataset(p["path"], config, **kw)
     except Exception as e:  # noqa: BLE001 - re-raise with the parameter named
-        raise ValueError(f"corpus='hf:{spec}': datasets.load_dataset({name!r}, {config or None!r}) failed: {e}") from e
-    if isinstance(dsd, datasets.Dataset):
+        if "scripts are no longer supported" in str(e):
+            raise _script_error(spec, p, e) from e
+        args = ", ".join([repr(p["path"]), repr(config), *(f"{k}={v!r}" for k, v in kw.items())])
+        raise ValueError(f"corpus='hf:{spec}': datasets.load_dataset({args}) failed: {e}") from e
+    if isinstance(dsd, (datasets.Dataset, datasets.IterableDataset)):
         dsd = {"train": dsd}
-    cols = {}
-    for split, ds in dsd.items():
-        strs = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-        if not strs:
-            raise ValueError(f"corpus='hf:{spec}': split {split!r} has no string column (columns: {ds.column_names})")
-        cols[split] = (ds, "text" if "text" in strs else strs[0])
+    return dsd
+
+
+def _stream_sample(spec: str, p: dict, max_docs: int, seed: int) -> tuple[list[str], list[str]]:
+    """Up to ``max_docs`` documents of each split of a streamed dataset: the split's stream
+    shuffled with ``seed`` (shard order and a :data:`STREAM_BUFFER`-document buffer,
+    ``IterableDataset.shuffle``), its first ``max_docs`` rows. Ids are ``<split>/<hash of the
+    text>`` (identical texts are one document). Only these rows are downloaded."""
+    ids, texts, seen = [], [], set()
+    for split, ds in _open_hf(spec, p, streaming=True).items():
+        col = _text_column(ds, split, spec)
+        ds = ds.select_columns([col]).shuffle(seed=seed, buffer_size=STREAM_BUFFER)
+        for row in progress(ds.take(max_docs), total=max_docs, desc=f"stream {p['domain']}/{split}", unit="doc"):
+            text = row[col] or ""
+            i = f"{split}/{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}"
+            if i not in seen:
+                seen.add(i), ids.append(i), texts.append(text)
+    return ids, texts
+
+
+def _load_hf(spec: str, max_docs=None, seed=0, streaming=None) -> dict[str, tuple[list[str], list[str]]]:
+    """(ids, texts) of the one domain of ``hf:<spec>`` (see :func:`parse_hf`).
+
+    ``streaming``: None (auto) streams when ``max_docs`` is set and the data is remote, so a
+    200k-document sample of a 40 GB corpus downloads 200k documents, not the corpus. A streamed
+    sample is cached under ``cache_dir("corpus")`` keyed by spec, ``max_docs`` and ``seed``
+    (delete it to fetch the hub's current data again). Without streaming the whole dataset
+    is loaded (and cached by ``datasets``) and ``max_docs`` documents chosen by ``seed``."""
+    import datasets
+
+    p = parse_hf(spec)
+    if streaming is None:
+        streaming = max_docs is not None and p["remote"]
+    if streaming:
+        if max_docs is None:
+            raise ValueError(f"corpus='hf:{spec}': streaming needs data.max_docs_per_domain (how many documents "
+                             "to take from the stream)")
+        path = cache_dir("corpus") / f"stream-{p['domain']}-{config_hash([STREAM_VERSION, spec, max_docs, seed, STREAM_BUFFER])}"
+
+        def build(path):
+            ids, texts = _stream_sample(spec, p, max_docs, seed)
+            with atomic_path(path) as tmp, _datasets_bars():
+                datasets.Dataset.from_dict({"id": ids, "text": texts}).save_to_disk(str(tmp))
+
+        def load(path):
+            with _datasets_bars():
+                ds = datasets.load_from_disk(str(path))
+            return column(ds, "id"), column(ds, "text")
+        ids, texts = cached(path, build, load, f"streamed corpus sample hf:{spec}")
+        if len(ids) > max_docs:          # several splits: a seeded choice of max_docs over all of them
+            keep = sorted(sorted(range(len(ids)), key=lambda i: _u(seed, ids[i]))[:max_docs])
+            ids, texts = [ids[i] for i in keep], [texts[i] for i in keep]
+        return {p["domain"]: (ids, texts)}
+
+    cols = {split: (ds, _text_column(ds, split, spec)) for split, ds in _open_hf(spec, p, streaming=False).items()}
     keys = [(s, i) for s, (ds, _) in cols.items() for i in range(len(ds))]
     if max_docs is not None and len(keys) > max_docs:  # subsample before reading a big dataset's texts
         keys = sorted(sorted(keys, key=lambda k: _u(seed, f"{k[0]}/{k[1]}"))[:max_docs])
     ids, texts = [f"{s}/{i}" for s, i in keys], []
     for s, (ds, col) in cols.items():
         texts += [x or "" for x in column(ds.select([i for t, i in keys if t == s]), col)]
-    return {(name.split("/")[-1] + (f"-{config}" if config else "")): (ids, texts)}
+    return {p["domain"]: (ids, texts)}
 
 
 def decode_text(raw: bytes) -> str | None:
@@ -281,18 +416,26 @@ def split_of(ids: list[str], fractions=(0.9, 0.05, 0.05)) -> list[str]:
 
 
 def load_corpus(corpus: str = "minipile", domains=None, max_docs_per_domain=None, max_chars_per_doc=None,
-                holdout=(), seed: int = 0, fractions=(0.9, 0.05, 0.05)):
+                holdout=(), seed: int = 0, fractions=(0.9, 0.05, 0.05), streaming: bool | None = None):
     """Load a corpus as a ``datasets.DatasetDict`` with splits train/validation/test
     (+ "heldout": every document of the ``holdout`` domains) and columns
     ``text``, ``domain``, ``id``.
 
-    corpus: "minipile" | "hf:<name>[:<config>]" | "files:<glob>" (domain = parent folder name).
+    corpus: "minipile" | "hf:<name>[:<config>][@<revision>]" | "hf:parquet:<files>" |
+    "files:<glob>" (domain = parent folder name). ``hf:`` specs: see :func:`parse_hf`. A script
+    dataset (the pinned ``datasets`` runs none) raises a ValueError naming its parquet
+    conversion, e.g. ``hf:Skylion007/openwebtext@refs/convert/parquet`` (OpenWebText as the
+    hub serves it today: parquet files of its ``plain_text`` config, split ``partial-train``,
+    the first ~5 GB of the corpus) or ``hf:parquet:<local or hf:// files>``.
     max_docs_per_domain: keep that many documents per domain, chosen by ``seed``.
+    streaming: ``hf:`` only; None (auto): stream when ``max_docs_per_domain`` is set and the
+    data is remote (only the sample is downloaded, then cached), True/False to force it.
     """
     import datasets
 
     if not isinstance(corpus, str) or not (corpus == "minipile" or corpus.startswith(("hf:", "files:"))):
-        raise ValueError(f"corpus={corpus!r} is not allowed; use 'minipile', 'hf:<name>[:<config>]' or 'files:<glob>'")
+        raise ValueError(f"corpus={corpus!r} is not allowed; use 'minipile', 'hf:<name>[:<config>][@<revision>]', "
+                         "'hf:parquet:<files>' or 'files:<glob>'")
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
         raise ValueError(f"fractions={fractions!r} must be 3 non-negative numbers (train, validation, test) "
                          "summing to 1")
@@ -308,7 +451,8 @@ def load_corpus(corpus: str = "minipile", domains=None, max_docs_per_domain=None
         wanted = [d for d in DOMAINS if d in domains or d in holdout] if domains else list(DOMAINS)
         raw = {d: _cached_domain(d) for d in wanted}
     else:
-        raw = _load_hf(corpus[3:], max_docs_per_domain, seed) if corpus.startswith("hf:") else _load_files(corpus[6:])
+        raw = (_load_hf(corpus[3:], max_docs_per_domain, seed, streaming) if corpus.startswith("hf:")
+               else _load_files(corpus[6:]))
         for d in (*domains, *holdout):
             check_choice("domains" if d in domains else "holdout", d, list(raw))
         if domains:

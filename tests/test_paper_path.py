@@ -1,0 +1,88 @@
+"""The paper path (issue 14): hub corpora as the hub serves them today (parquet, streaming),
+a loaded subject model without training history, resumable SAE trainings in a sweep."""
+import math
+import random
+
+import pytest
+
+from saelib import data
+
+
+# ----------------------------------------------------------------------------- corpus: parquet, streaming
+def write_parquet(folder, n_docs=60, n_files=3, seed=0):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    words = "the king queen lord speak thou hath night crown sword def return import class".split()
+    folder.mkdir(parents=True, exist_ok=True)
+    per = n_docs // n_files
+    for f in range(n_files):
+        texts = [" ".join(rng.choice(words) for _ in range(40)) + f" doc {f * per + i}." for i in range(per)]
+        pq.write_table(pa.table({"id": list(range(f * per, (f + 1) * per)), "text": texts}),
+                       folder / f"train-{f:05d}.parquet")
+    return f"hf:parquet:{folder}/*.parquet"
+
+
+def test_parse_hf_specs():
+    p = data.parse_hf("Skylion007/openwebtext@refs/convert/parquet")
+    assert (p["path"], p["config"], p["revision"], p["domain"], p["remote"]) == (
+        "Skylion007/openwebtext", None, "refs/convert/parquet", "openwebtext", True)
+    p = data.parse_hf("Skylion007/openwebtext:plain_text@refs/convert/parquet")
+    assert (p["config"], p["revision"], p["domain"]) == ("plain_text", "refs/convert/parquet", "openwebtext-plain_text")
+    p = data.parse_hf("parquet:hf://datasets/Skylion007/openwebtext@refs%2Fconvert%2Fparquet/plain_text/partial-train/*.parquet")
+    assert (p["path"], p["domain"], p["remote"]) == ("parquet", "openwebtext", True)
+    p = data.parse_hf("parquet:/data/owt/*.parquet")
+    assert (p["data_files"], p["domain"], p["remote"]) == ("/data/owt/*.parquet", "owt", False)
+    with pytest.raises(ValueError, match="name the files"):
+        data.parse_hf("parquet:")
+
+
+def test_local_parquet_corpus_loads_and_streams(tmp_cache, tmp_path, monkeypatch):
+    import datasets
+
+    spec = write_parquet(tmp_path / "owt")
+    full = data.load_corpus(spec, max_docs_per_domain=30, seed=0)             # local: loaded, not streamed
+    assert sum(map(len, full.values())) == 30 and set(data.column(full["train"], "domain")) == {"owt"}
+    assert all(t.startswith(("the", "king", "queen", "lord", "speak", "thou", "hath", "night", "crown", "sword",
+                             "def", "return", "import", "class")) for t in data.column(full["train"], "text"))
+    everything = data.load_corpus(spec, seed=0)
+    assert sum(map(len, everything.values())) == 60
+
+    streamed = data.load_corpus(spec, max_docs_per_domain=30, seed=0, streaming=True)
+    texts = [t for s in streamed.values() for t in data.column(s, "text")]
+    assert len(texts) == 30 == len(set(texts)) and set(data.column(streamed["train"], "domain")) == {"owt"}
+    all_texts = {t for s in everything.values() for t in data.column(s, "text")}
+    assert set(texts) <= all_texts
+    # the streamed sample is cached: a second call does not touch the dataset again
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("streamed again instead of the cache"))
+    again = data.load_corpus(spec, max_docs_per_domain=30, seed=0, streaming=True)
+    assert data.corpus_hash(again) == data.corpus_hash(streamed)
+    with pytest.raises(ValueError, match="max_docs_per_domain"):
+        data.load_corpus(spec, streaming=True)
+
+
+def test_stream_options_reach_load_dataset(tmp_cache, tmp_path, monkeypatch):
+    """A hub name with a revision streams its parquet conversion (config -> data_dir)."""
+    import datasets
+
+    local = datasets.load_dataset("parquet", data_files=write_parquet(tmp_path / "x")[len("hf:parquet:"):],
+                                  streaming=True)
+    calls = []
+
+    def fake(path, name=None, **kw):
+        calls.append((path, name, kw))
+        return local
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    dsd = data.load_corpus("hf:Skylion007/openwebtext:plain_text@refs/convert/parquet", max_docs_per_domain=12)
+    assert calls == [("Skylion007/openwebtext", None, {"revision": "refs/convert/parquet", "data_dir": "plain_text",
+                                                       "streaming": True})]
+    assert sum(map(len, dsd.values())) == 12 and set(data.column(dsd["train"], "domain")) == {"openwebtext-plain_text"}
+
+
+def test_script_dataset_names_the_parquet_alternative(tmp_cache, tmp_path):
+    folder = tmp_path / "owtscript"
+    folder.mkdir()
+    (folder / "owtscript.py").write_text("import datasets\n")
+    with pytest.raises(ValueError, match=r"script dataset.*refs/convert/parquet.*hf:parquet:"):
+        data.load_corpus(f"hf:{folder}")
