@@ -150,9 +150,11 @@ def test_hf_corpus_through_load_dataset(tmp_cache, monkeypatch):
         return datasets.DatasetDict({"train": mk(30, 0), "validation": mk(10, 100)})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    dsd = data.load_corpus("hf:org/tiny:v1", max_docs_per_domain=20, seed=0)
+    # streaming=False: the whole dataset is loaded and 20 documents chosen by the seed (a hub
+    # dataset with max_docs_per_domain streams by default: tests/test_paper_path.py)
+    dsd = data.load_corpus("hf:org/tiny:v1", max_docs_per_domain=20, seed=0, streaming=False)
     assert sum(map(len, dsd.values())) == 20 and set(data.column(dsd["train"], "domain")) == {"tiny-v1"}
     texts = {t for s in dsd.values() for t in data.column(s, "text")}
     assert all(t.startswith("document number") for t in texts) and len(texts) == 20
-    again = data.load_corpus("hf:org/tiny:v1", max_docs_per_domain=20, seed=0)
+    again = data.load_corpus("hf:org/tiny:v1", max_docs_per_domain=20, seed=0, streaming=False)
     assert data.corpus_hash(again) == data.corpus_hash(dsd)
