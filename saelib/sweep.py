@@ -53,6 +53,27 @@ from .utils import (atomic_path, cache_dir, check_choice, check_positive_int, co
 
 CACHE_VERSION = 1
 RUN_FILE, HISTORY_FILE, SAE_DIR = "run.json", "history.json", "sae"
+CHECKPOINT_SUFFIX = ".ckpt"          # <entry>.ckpt beside the entry while it trains
+AUTO_CHECKPOINT_MIN_STEPS = 2000     # "auto": runs this long or longer checkpoint ...
+AUTO_CHECKPOINT_FRACTION = 0.05      # ... every 5% of their steps
+
+
+def checkpoint_steps(steps: int, checkpoint_every="auto") -> int | None:
+    """Steps between the resumable checkpoints :func:`train_sae` writes (None: none).
+
+    ``"auto"``: every 5% of ``steps`` for a run of at least :data:`AUTO_CHECKPOINT_MIN_STEPS`
+    steps (the paper's 100k steps: every 5000, ~1-2 minutes on a GPU, so a kill loses at most
+    that much), none for shorter runs (seconds to minutes here; a checkpoint would cost more
+    than it saves and add file writes to the wall-clock times the chapters compare).
+    An int: that interval; None or 0: never.
+    >>> checkpoint_steps(100_000), checkpoint_steps(400), checkpoint_steps(400, 50)
+    (5000, None, 50)"""
+    if checkpoint_every == "auto":
+        return max(1, int(steps * AUTO_CHECKPOINT_FRACTION)) if steps >= AUTO_CHECKPOINT_MIN_STEPS else None
+    if checkpoint_every is None or checkpoint_every == 0:
+        return None
+    check_positive_int("checkpoint_every", checkpoint_every)
+    return int(checkpoint_every)
 
 
 @dataclass
@@ -178,7 +199,8 @@ def _resolve(data, kind: str, *, steps: int, batch_size: int, seed: int, lr, lr_
 
 def train_sae(data, kind: str, *, steps: int, batch_size: int, seed: int = 0, lr: float | None = None,
               lr_base: float | None = None, normalize: str | None = "unit", aux_k: bool | int = False,
-              name: str | None = None, device="auto", progress_bar: bool = False, **build_kwargs) -> Run:
+              name: str | None = None, device="auto", progress_bar: bool = False, checkpoint_every="auto",
+              **build_kwargs) -> Run:
     """Build ``saes.build(kind, d_in=data's d, seed=seed, **build_kwargs)``, train it with
     ``train.fit(sae, data, steps, batch_size, lr, seed, normalize=..., aux_k=...)`` and
     cache the result; a second call with the same arguments loads it (``run.cached``).
@@ -189,31 +211,54 @@ def train_sae(data, kind: str, *, steps: int, batch_size: int, seed: int = 0, lr
     (bad values raise :func:`saelib.saes.build`'s ValueError before anything trains).
     ``name``: a label for tables and plots, not part of the key. ``device``: where to
     train (not part of the key: same seed and thread count -> same numbers on CPU).
-    Trains with the calling process's torch thread count (:func:`sweep` sets it)."""
+    Trains with the calling process's torch thread count (:func:`sweep` sets it).
+
+    ``checkpoint_every`` (:func:`checkpoint_steps`; default "auto": every 5% of the steps of
+    runs of 2000 steps or more): while it trains, the SAE is checkpointed to ``<entry>.ckpt``
+    beside its cache entry (``train.fit``'s resumable checkpoint: model, Adam state, step,
+    history); the same call after a kill resumes from it and gives the numbers of an
+    uninterrupted run. The checkpoint is removed once the entry is written. Not part of the key."""
     sae, lr, cfg, path = _resolve(data, kind, steps=steps, batch_size=batch_size, seed=seed, lr=lr, lr_base=lr_base,
                                   normalize=normalize, aux_k=aux_k, build_kwargs=build_kwargs)
+    every = checkpoint_steps(steps, checkpoint_every)      # validated before any work
     with entry_lock(path):            # a second process asking for the same SAE waits, then loads it
         if usable_entry(path, "SAE") and (path / RUN_FILE).exists():
             return _load(path, name)
         return _train_and_save(sae, data, path, cfg, name, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                               normalize=normalize, aux_k=aux_k, device=device, progress_bar=progress_bar)
+                               normalize=normalize, aux_k=aux_k, device=device, progress_bar=progress_bar,
+                               checkpoint_every=every)
+
+
+def checkpoint_path(path) -> Path:
+    """The resumable checkpoint of the SAE cache entry ``path`` while it trains: ``<entry>.ckpt``."""
+    path = Path(path)
+    return path.with_name(path.name + CHECKPOINT_SUFFIX)
 
 
 def _train_and_save(sae, data, path, cfg, name, *, steps, batch_size, lr, seed, normalize, aux_k, device,
-                    progress_bar) -> Run:
+                    progress_bar, checkpoint_every=None) -> Run:
+    ckpt = checkpoint_path(path) if checkpoint_every else None
+    resumed = ckpt is not None and ckpt.exists()
     t0 = time.perf_counter()
     history = train.fit(sae, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, normalize=normalize,
-                        aux_k=aux_k, device=device, progress=progress_bar)
+                        aux_k=aux_k, device=device, progress=progress_bar, checkpoint_path=ckpt,
+                        checkpoint_every=checkpoint_every)
     seconds = time.perf_counter() - t0
+    if resumed and "wall_time" in history and len(history):
+        seconds = float(history["wall_time"].iloc[-1])     # the training loop's time over every segment
     sae = sae.cpu().eval()
     info = {"seconds": seconds, "threads": torch.get_num_threads(), "device": str(next(sae.parameters()).device),
             "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "lr_used": history.attrs.get("lr")}
+    if resumed:
+        info["resumed"] = True
     with atomic_path(path) as tmp:
         tmp.mkdir()
         sae.save(tmp / SAE_DIR)
         (tmp / HISTORY_FILE).write_text(json.dumps({"rows": history.to_dict(orient="records"),
                                                     "attrs": history.attrs}, default=_jsonable))
         (tmp / RUN_FILE).write_text(json.dumps({"config": cfg, **info}, indent=1, default=_jsonable))
+    if ckpt is not None:          # the entry is written: the checkpoint has done its job
+        ckpt.unlink(missing_ok=True)
     return Run(sae, history, seconds, {**cfg, "name": name}, path, False, info)
 
 

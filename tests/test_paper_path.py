@@ -86,3 +86,71 @@ def test_script_dataset_names_the_parquet_alternative(tmp_cache, tmp_path):
     (folder / "owtscript.py").write_text("import datasets\n")
     with pytest.raises(ValueError, match=r"script dataset.*refs/convert/parquet.*hf:parquet:"):
         data.load_corpus(f"hf:{folder}")
+
+
+# ----------------------------------------------------------------------------- sweep: resumable SAE trainings
+def _gauss(n=2048, d=16, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    D = torch.nn.functional.normalize(torch.randn(32, d, generator=g), dim=-1)
+    codes = torch.rand(n, 32, generator=g) * (torch.rand(n, 32, generator=g) < 0.1)
+    return codes @ D + 0.01 * torch.randn(n, d, generator=g)
+
+
+def test_checkpoint_steps_policy():
+    from saelib import sweep
+
+    assert sweep.checkpoint_steps(100_000) == 5000 and sweep.checkpoint_steps(2000) == 100
+    assert sweep.checkpoint_steps(400) is None and sweep.checkpoint_steps(400, None) is None
+    assert sweep.checkpoint_steps(400, 0) is None and sweep.checkpoint_steps(400, 7) == 7
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        sweep.checkpoint_steps(400, -1)
+
+
+@pytest.mark.parametrize("kind,build", [("switch", dict(n_latents=64, k=4, n_experts=4)),
+                                        ("batchtopk", dict(n_latents=64, k=4))])
+def test_interrupted_train_sae_resumes_to_the_uninterrupted_result(kind, build, tmp_path, monkeypatch, one_thread):
+    import torch
+
+    from saelib import sweep, train
+
+    x = _gauss()
+    kw = dict(steps=30, batch_size=128, seed=3, checkpoint_every=5, **build)
+    monkeypatch.setenv("SAELIB_CACHE", str(tmp_path / "ref"))
+    ref = sweep.train_sae(x, kind, **kw)                      # uninterrupted, in its own cache
+
+    monkeypatch.setenv("SAELIB_CACHE", str(tmp_path / "run"))
+    real_step = train._train_step
+
+    def killed_at_17(sae, opt, xb, lr, aux_k, coef, dead, step):
+        if step == 17:
+            raise KeyboardInterrupt
+        return real_step(sae, opt, xb, lr, aux_k, coef, dead, step)
+
+    monkeypatch.setattr(train, "_train_step", killed_at_17)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.train_sae(x, kind, **kw)
+    ckpts = list((tmp_path / "run" / "saes").glob("*.ckpt"))
+    assert len(ckpts) == 1 and torch.load(ckpts[0], weights_only=False)["step"] == 15   # last multiple of 5
+    entry = ckpts[0].with_name(ckpts[0].name[:-len(".ckpt")])
+    assert not entry.exists()                                  # no half-written entry
+
+    steps_run = []
+
+    def counted(sae, opt, xb, lr, aux_k, coef, dead, step):
+        steps_run.append(step)
+        return real_step(sae, opt, xb, lr, aux_k, coef, dead, step)
+
+    monkeypatch.setattr(train, "_train_step", counted)
+    run = sweep.train_sae(x, kind, **kw)                       # the same call resumes
+    assert steps_run == list(range(15, 30)) and run.info.get("resumed") is True
+    assert run.path == entry and entry.exists() and not ckpts[0].exists()   # checkpoint removed
+    for (k, a), (_, b) in zip(ref.sae.state_dict().items(), run.sae.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
+    cols = [c for c in ref.history.columns if c != "wall_time"]
+    pd_equal = ref.history[cols].reset_index(drop=True).equals(run.history[cols].reset_index(drop=True))
+    assert pd_equal
+    assert math.isfinite(run.seconds) and run.seconds > 0
+    again = sweep.train_sae(x, kind, **kw)                     # and is a plain cache hit afterwards
+    assert again.cached and torch.equal(again.sae.W_dec, run.sae.W_dec)
