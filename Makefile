@@ -1,5 +1,5 @@
 # The two commands of the README: `make book` and `make test`.
-# PROFILE=quick|full (book only). Everything runs from .venv, created if missing.
+# PROFILE=quick|full|paper (book only). Everything runs from .venv, created if missing.
 SHELL := /bin/bash
 PROFILE ?= full
 VENV := .venv
@@ -10,13 +10,22 @@ DEBS := python3.11-doc linux-doc-6.1 chromium chromium-driver
 MATHJAX_VERSION := 3.2.2
 MATHJAX := book/_mathjax/mathjax
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Offline: the hub is never asked (the quick/full book and every test use local data only).
+# Only `make book PROFILE=paper` (GPT-2 and OpenWebText from the hub) may reach it;
+# `make test` and its parts stay offline whatever PROFILE says. `make hub-env` prints them.
+OFFLINE_TARGETS := test unit nbval build-book browser
+ifneq ($(PROFILE),paper)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+endif
+$(OFFLINE_TARGETS): export HF_HUB_OFFLINE := 1
+$(OFFLINE_TARGETS): export HF_DATASETS_OFFLINE := 1
+$(OFFLINE_TARGETS): export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: setup book test unit nbval build-book browser clean
+.PHONY: setup book test unit nbval build-book browser clean hub-env
 
 setup: $(VENV)/.installed .debs-installed $(MATHJAX)/tex-chtml.js
 
@@ -72,3 +81,7 @@ browser:
 
 clean:
 	rm -rf _build .debs-installed book/_mathjax
+
+# what `make book PROFILE=...` passes on: the hub is reachable when these are unset
+hub-env:
+	@echo "PROFILE=$(PROFILE) HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-unset} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-unset} TRANSFORMERS_OFFLINE=$${TRANSFORMERS_OFFLINE:-unset}"
