@@ -334,15 +334,40 @@ def write_json_atomic(path, obj) -> None:
 
 def resolve_device(device: str | None = "auto"):
     """``"auto"`` -> CUDA when available, else CPU; anything else is passed to
-    ``torch.device`` (a bad name raises a ValueError naming ``device``)."""
+    ``torch.device`` (a bad name raises a ValueError naming ``device``). A CUDA device
+    turns on TF32 matmuls and convolutions (:func:`enable_tf32`) for this process."""
     import torch
 
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a valid torch device; use 'auto', 'cpu' or 'cuda[:i]'") from e
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device={device!r} is not a valid torch device; use 'auto', 'cpu' or 'cuda[:i]'") from e
+    if dev.type == "cuda":
+        enable_tf32()
+    return dev
+
+
+def enable_tf32() -> bool:
+    """Let float32 matmuls and cuDNN convolutions use TensorFloat-32 tensor cores (Ampere and
+    later): inputs rounded to a 10-bit mantissa, sums in float32, several times the matmul
+    throughput of full float32 (torch's default since 1.12). Set by :func:`resolve_device`
+    whenever it returns a CUDA device. The SAE losses and the papers' metrics are insensitive
+    to it (relative error ~1e-3 per product), but GPU numbers then differ from CPU ones beyond
+    float32 rounding; ``SAELIB_TF32=0`` keeps full float32. Sets torch's ``allow_tf32`` flags
+    (``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``), the
+    settings :mod:`saelib.bench` reads back: torch >= 2.9 refuses to read them once the newer
+    ``fp32_precision`` settings were written, so this module does not mix the two. Returns
+    whether TF32 is on."""
+    import torch
+
+    if os.environ.get("SAELIB_TF32", "1").lower() in ("0", "false", "no"):
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
 
 
 # glibc malloc settings for training processes (see tune_malloc)

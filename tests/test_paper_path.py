@@ -154,3 +154,32 @@ def test_interrupted_train_sae_resumes_to_the_uninterrupted_result(kind, build, 
     assert math.isfinite(run.seconds) and run.seconds > 0
     again = sweep.train_sae(x, kind, **kw)                     # and is a plain cache hit afterwards
     assert again.cached and torch.equal(again.sae.W_dec, run.sae.W_dec)
+
+
+# ----------------------------------------------------------------------------- device: TF32 on CUDA
+@pytest.fixture
+def tf32_restored():
+    import torch
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_resolve_device_turns_tf32_on_for_cuda_only(tf32_restored, monkeypatch):
+    import torch
+
+    from saelib import utils
+
+    assert utils.resolve_device("cpu").type == "cpu" and not torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert utils.resolve_device("auto").type == "cpu" and not torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setenv("SAELIB_TF32", "0")
+    assert utils.resolve_device("cuda").type == "cuda" and not torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.delenv("SAELIB_TF32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert utils.resolve_device("auto").type == "cuda"
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with pytest.raises(ValueError, match="device="):
+        utils.resolve_device("gpu0")
