@@ -235,7 +235,15 @@ class ActivationStore:
         seeded by (seed, e)); batches are fresh tensors. When the
         store fits in ``ram_limit_bytes`` it is read once and fully permuted;
         otherwise contiguous chunks are read in random order, a few at a time,
-        and rows are permuted within that buffer, so memory stays bounded."""
+        and rows are permuted within that buffer, so memory stays bounded.
+
+        The buffer holds ``ram_limit_bytes // (8 d)`` rows (the profile's
+        ``activations.buffer_tokens``, see :func:`source`) as 8 chunks from random places:
+        consecutive batches until the next refill come from those 8 stretches of the store,
+        i.e. from about ``buffer_rows / n_ctx`` documents. At the paper's size (d = 768,
+        1 GiB) that is ~175k rows, ~21 batches of 8192 drawn from ~170 documents; a larger
+        buffer mixes more documents at the cost of RAM, a smaller one saves RAM and
+        correlates consecutive batches more."""
         check_positive_int("batch_size", batch_size)
         n, dev = len(self), resolve_device(device)
         if n < batch_size and drop_last:
@@ -281,36 +289,76 @@ def _token_rows(tokens) -> torch.Tensor:
     return torch.from_numpy(token_array(tokens))
 
 
+def keep_mask(rows: torch.Tensor, bos: int | None, skip_bos: bool = True) -> torch.Tensor:
+    """Which positions of ``rows`` [n_seq, n_ctx] (token ids) become activation rows: all of
+    them, or with ``skip_bos`` every position but the first and every BOS token (their
+    activations are outliers that act as an attention sink). Bool tensor [n_seq, n_ctx]."""
+    keep = torch.ones_like(rows, dtype=torch.bool)
+    if skip_bos:
+        keep[:, 0] = False
+        if bos is not None:
+            keep &= rows != bos
+    return keep
+
+
+def plan_rows(counts: torch.Tensor, n_tokens: int, allow_repeat: bool = False, who: str = "collect"):
+    """``(n_seq, n)``: a store of ``n_tokens`` rows takes the first ``n_seq`` sequences, whose
+    kept positions (``counts`` [n_seq_total], from :func:`keep_mask`) hold ``n`` rows.
+
+    When the tokens hold fewer than ``n_tokens`` kept positions this raises a ValueError
+    (before any model runs) naming both numbers, unless ``allow_repeat=True``: then ``n`` is
+    every available row, with a warning, and a trainer that asks for more rows repeats them
+    (one epoch = one pass over the ``n`` rows)."""
+    cum = counts.cumsum(0)
+    total = int(cum[-1]) if len(cum) else 0
+    if total >= n_tokens:
+        return int(torch.searchsorted(cum, n_tokens).item()) + 1, n_tokens
+    if not allow_repeat:
+        raise ValueError(f"{who}: the tokens hold only {total} activation rows (< n_tokens={n_tokens}, from "
+                         f"{len(counts)} sequences); give more documents (data.max_docs_per_domain), lower n_tokens, "
+                         "or pass allow_repeat=True to use the available rows and repeat them in training")
+    warnings.warn(f"{who}: only {total} activation rows available (< n_tokens={n_tokens}); using {total} "
+                  "(allow_repeat=True: training repeats them)")
+    return len(counts), total
+
+
+STORE_DTYPES = ("float32", "float16")
+
+
+def _check_store_dtype(dtype):
+    if dtype == "bfloat16":
+        raise ValueError("dtype='bfloat16' cannot be stored: numpy (the .npy memmap of the store) has no bfloat16; "
+                         "use dtype='float16' (same 2 bytes per value, 3 more mantissa bits, range +-65504) or an "
+                         "ActivationStream (activations.mode: stream), whose buffer may be bfloat16")
+    check_choice("dtype", dtype, STORE_DTYPES)
+
+
 @torch.inference_mode()
 def collect(model, tokens, site: str, n_tokens: int, dtype: str = "float32", batch_size: int = 32, device="auto",
-            ram_limit_bytes: int = 2**30, path=None, skip_bos: bool = True) -> ActivationStore:
+            ram_limit_bytes: int = 2**30, path=None, skip_bos: bool = True,
+            allow_repeat: bool = False) -> ActivationStore:
     """Run ``model`` over ``tokens`` (tensor [n_seq, n_ctx] of ids, or a tokenized
     datasets split) and stream the site's activations of the first ``n_tokens``
     kept positions to an on-disk store (memmap, written in chunks, atomically).
 
     skip_bos: drop position 0 and every BOS token (its activations are outliers
-    that act as an attention sink). Cached under ``cache_dir("activations")`` by a
-    hash of model weights, tokens, site, n_tokens, dtype and skip_bos when
-    ``path`` is None."""
-    check_choice("dtype", dtype, ("float32", "float16"))
+    that act as an attention sink; :func:`keep_mask`). dtype: "float32" or "float16"
+    (half the disk; |error| <= 2**-11 relative); "bfloat16" raises a ValueError (numpy
+    has no bfloat16; see :func:`_check_store_dtype`). Tokens that hold fewer than
+    ``n_tokens`` kept positions raise a ValueError before any work, unless
+    ``allow_repeat=True`` (then the store holds the available rows; :func:`plan_rows`).
+    Cached under ``cache_dir("activations")`` by a hash of model weights, tokens, site,
+    n_tokens, dtype and skip_bos when ``path`` is None."""
+    _check_store_dtype(dtype)
     check_positive_int("n_tokens", n_tokens)
     check_positive_int("batch_size", batch_size)
     rows = _token_rows(tokens)
     if rows.ndim != 2:
         raise ValueError(f"tokens must be 2-D [n_seq, n_ctx], got shape {tuple(rows.shape)}")
     resolve_site(model, site)  # validate before any work
-    bos = getattr(model.config, "bos_token_id", None)
-    keep = torch.ones_like(rows, dtype=torch.bool)
-    if skip_bos:
-        keep[:, 0] = False
-        if bos is not None:
-            keep &= rows != bos
-    cum = keep.sum(1).cumsum(0)
-    n_seq = int(torch.searchsorted(cum, n_tokens).item()) + 1 if cum[-1] >= n_tokens else len(rows)
+    keep = keep_mask(rows, getattr(model.config, "bos_token_id", None), skip_bos)
+    n_seq, n = plan_rows(keep.sum(1), n_tokens, allow_repeat, "collect")
     rows, keep = rows[:n_seq], keep[:n_seq]
-    n = min(n_tokens, int(keep.sum()))
-    if n < n_tokens:
-        warnings.warn(f"collect: only {n} activation rows available (< n_tokens={n_tokens}); storing {n}")
     key = config_hash({"model": model_hash(model), "tokens": hashlib.sha256(rows.numpy().tobytes()).hexdigest(),
                        "site": site, "n_tokens": n_tokens, "dtype": dtype, "skip_bos": skip_bos, "v": STORE_VERSION})
     path = Path(path) if path is not None else cache_dir("activations") / key
@@ -389,3 +437,46 @@ def _collect(model, rows, keep, site, n, n_tokens, dtype, batch_size, device, pa
                 "model": getattr(model, "name_or_path", "") or type(model).__name__, "version": STORE_VERSION}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- store or stream
+MODES = ("store", "stream")
+
+
+def source(cfg: dict, model, tokens, n_tokens: int | None = None, *, site: str | None = None, device=None,
+           allow_repeat: bool | None = None, **kw):
+    """Training activations as the profile says: ``cfg["activations"]["mode"]`` "store"
+    (:func:`collect`, an on-disk :class:`ActivationStore`) or "stream"
+    (:class:`saelib.stream.ActivationStream`, computed on the fly, nothing on disk).
+    Both serve the same rows (first ``n_tokens`` kept positions of ``tokens``) through the
+    same interface, so ``train.fit`` / ``sweep.sweep`` take either.
+
+    From the profile: ``site`` (:func:`activation_site`), ``device``, ``activations.n_tokens``
+    (when ``n_tokens`` is None), ``activations.dtype``, ``activations.allow_repeat`` (default
+    False: too few tokens raise a ValueError before any work) and
+    ``activations.buffer_tokens``: the stream's mixing buffer in rows, or for a store the
+    rows its shuffle buffer holds (``ram_limit_bytes = buffer_tokens * d * 8``: contiguous
+    chunks of ``buffer_tokens / 8`` rows, 8 per buffer, are read in random order and permuted
+    together; null keeps the store's 1 GiB default). Larger buffers mix rows of more
+    documents per batch and cost RAM (store) or device memory (stream:
+    ``buffer_tokens * d * itemsize``). ``kw`` goes to :func:`collect` / the stream
+    (e.g. ``batch_size`` / ``model_batch_size``, ``path``)."""
+    acts = cfg.get("activations") or {}
+    mode = acts.get("mode", "store")
+    check_choice("activations.mode", mode, MODES)
+    site = site or activation_site(cfg)
+    n_tokens = int(acts["n_tokens"] if n_tokens is None else n_tokens)
+    device = device or cfg.get("device") or "auto"
+    allow_repeat = bool(acts.get("allow_repeat", False)) if allow_repeat is None else allow_repeat
+    dtype = kw.pop("dtype", acts.get("dtype", "float32"))
+    buf = acts.get("buffer_tokens")
+    if mode == "stream":
+        from .stream import ActivationStream
+        if buf is not None:
+            kw.setdefault("buffer_tokens", int(buf))
+        return ActivationStream(model, tokens, site, n_tokens, dtype=dtype, device=device,
+                                allow_repeat=allow_repeat, **kw)
+    store = collect(model, tokens, site, n_tokens, dtype=dtype, device=device, allow_repeat=allow_repeat, **kw)
+    if buf is not None:
+        store.ram_limit_bytes = int(buf) * store.d * 8
+    return store

@@ -18,7 +18,9 @@ get the same ValueError naming the key path and what is allowed:
 * a leaf that is null in every profile takes the kind named in :data:`HINTS`
   (``lm.capacity_factor``: a positive number or null), else any scalar;
 * then :func:`check_config` checks what the resolved config alone decides:
-  the activation ``site`` against ``lm.n_layer``, ``activations.dtype``,
+  the activation ``site`` against ``lm.n_layer``, ``activations.mode`` (store | stream),
+  ``activations.dtype`` (bfloat16 only for a stream), ``activations.buffer_tokens``
+  (null only for a store),
   ``device``, the corpus spec and domains, ``lm.n_embd % lm.n_head``,
   ``lm.warmup <= lm.steps``.
 """
@@ -38,6 +40,7 @@ POSITIVE = frozenset("""
     steps batch_size lr lr_base n_layer n_embd n_head n_ctx eval_every eval_batches n_tokens vocab_size
     max_docs_per_domain max_chars_per_doc gen_tokens stat_tokens eval_tokens eval_rows lr_seqs n_boot k width
     widths n_experts n_active flop_matched_experts width_matched_experts min_expert_width max_points perplexity
+    buffer_tokens
     n_features n_show rounds moe_every capacity_factor n_latents d_in n_seeds seeds_per_point workers n_inner
     total_width active_width scale_active factor
 """.split())
@@ -49,6 +52,7 @@ HINTS = {
     "max_chars_per_doc": ((int,), True),
     "lr_base": (_NUM, True),
     "threads": ((int,), True),
+    "buffer_tokens": ((int,), True),
     "workers": ((int,), True),
     "n_inner": ((int,), True),
     "moe_every": ((int,), False),
@@ -60,7 +64,8 @@ HINTS = {
     "domains": ((list, str), False),
     "shapes": ((list, str), False),
 }
-ACT_DTYPES = ("float32", "float16")
+ACT_DTYPES = ("float32", "float16", "bfloat16")   # bfloat16: stream only (numpy, the store's format, has none)
+ACT_MODES = ("store", "stream")
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:inf|nan)", re.I)
 _DEVICE_RE = re.compile(r"auto|cpu|mps|(?:cuda|xpu)(?::\d+)?")
 
@@ -236,7 +241,8 @@ def _merge(base: dict, over: dict, path: tuple, profiles: list[dict]) -> dict:
 def check_config(cfg: dict) -> dict:
     """Check what the resolved config alone decides, before any work (ValueError naming the key):
     ``site`` (``blocks.<i>.<site>``: ``-n_layer <= i < n_layer`` for our own LM, the site kind in
-    ``activations.SITES``), ``activations.dtype``, ``device``, ``data.corpus``/``domains``/``holdout``,
+    ``activations.SITES``), ``activations.mode``/``dtype``/``buffer_tokens``, ``device``,
+    ``data.corpus``/``domains``/``holdout``,
     ``lm.n_embd % lm.n_head == 0``, ``lm.warmup <= lm.steps`` and ``lm.steps``/``lr``/``eval_every``/
     ``batch_size`` > 0 (our own LM), ``data.vocab_size >= 258``.
     Returns ``cfg``."""
@@ -247,8 +253,19 @@ def check_config(cfg: dict) -> dict:
     if dev is not None and not (isinstance(dev, str) and _DEVICE_RE.fullmatch(dev)):
         raise ValueError(f"device={dev!r} is not allowed; use 'auto', 'cpu', 'cuda' or 'cuda:<i>'")
     acts = cfg.get("activations") or {}
+    mode = acts.get("mode", "store")
+    if mode not in ACT_MODES:
+        raise ValueError(f"activations.mode={mode!r} is not allowed; choose one of {list(ACT_MODES)} (store: "
+                         "collect to disk first; stream: run the model while training)")
     if "dtype" in acts and acts["dtype"] not in ACT_DTYPES:
         raise ValueError(f"activations.dtype={acts['dtype']!r} is not allowed; choose one of {list(ACT_DTYPES)}")
+    if acts.get("dtype") == "bfloat16" and mode == "store":
+        raise ValueError("activations.dtype='bfloat16' is not allowed with activations.mode='store' (numpy, the "
+                         "store's format, has no bfloat16); use 'float16' or activations.mode='stream'")
+    buf = acts.get("buffer_tokens")
+    if buf is None and mode == "stream":
+        raise ValueError("activations.buffer_tokens=None (null) is not allowed with activations.mode='stream'; "
+                         "give the mixing buffer's size in rows (a positive integer, e.g. 2097152)")
     lmc = cfg.get("lm") or {}
     own_lm = not lmc.get("name")
     site = cfg.get("site")

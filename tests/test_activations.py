@@ -100,8 +100,10 @@ def test_collect_skips_bos_records_positions_and_caches(model, tokens, tmp_cache
         mp.setattr(A, "run_to_site", lambda *a: pytest.fail("recomputed a cached store"))
         again = A.collect(model, tokens, site, n_tokens=100, dtype="float16", batch_size=3)
     assert again.path == store.path and str(store.path).startswith(str(tmp_cache))
+    with pytest.raises(ValueError, match=r"only 22 activation rows .*n_tokens=100.*allow_repeat=True"):
+        A.collect(model, tokens[:2], site, n_tokens=100)
     with pytest.warns(UserWarning, match="only"):
-        small = A.collect(model, tokens[:2], site, n_tokens=100)
+        small = A.collect(model, tokens[:2], site, n_tokens=100, allow_repeat=True)
     assert str(small.path).startswith(str(tmp_cache))
     assert len(small) == 22 and small.dtype == "float32"
     with pytest.raises(ValueError, match="dtype"):
