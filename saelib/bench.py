@@ -49,6 +49,16 @@ named section (router, dispatch, encoder matmul, select, decode, decoder backwar
 encoder backward, optimizer; ``other`` = the rest). :func:`breakdown` tabulates it
 and the bound it implies for the expert rows.
 
+On CUDA (``--device cuda``, or ``auto`` with a GPU present): the same rows and steps,
+each round's steps of a row timed between two CUDA events after a
+``torch.cuda.synchronize()`` (so the figure is the device's time for the queued work,
+not the host's time to queue it), with section timing off: ``section`` synchronises at
+every edge, which would add host round trips to the step it measures. The per-section
+split then comes from one more pass of ``steps`` steps per round under
+``kernels.timed_sections``; its own step time is the column ``s_per_step_sectioned``,
+which :func:`breakdown` uses as the step. ``--device cuda`` on a machine without a CUDA
+device stops before any work with ``--device cuda: no CUDA device is available``.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during one step minus the
 allocated memory before it. On CPU there is no allocator counter, so each row is
 built again in a fresh Python process (the timing process keeps freed blocks in its
@@ -355,7 +365,9 @@ def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device
     ``n_latents``, ``k``, ``batch``). Each row is warmed up ``warmup`` steps, then
     ``rounds`` rounds run ``steps`` steps of every row in turn; the reported time is the
     median over rounds. Returns one DataFrame row per benchmark row (see the module doc
-    for the columns)."""
+    for the columns). ``device``: ``"cpu"``, ``"cuda[:i]"`` or ``"auto"`` (CUDA when
+    available); a CUDA device that is not there raises a ValueError before any work."""
+    dev = check_device(device)
     check_choice("shape", shape, SHAPES)
     shp = dict(SHAPES[shape])
     for key, val in dict(d=d, n_latents=n_latents, k=k, batch=batch).items():
@@ -377,7 +389,6 @@ def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device
     if "sparsify" in rows and not sparsify_available():
         raise ValueError("rows includes 'sparsify' but it is not importable: pip install --no-deps eai-sparsify==1.3.3 "
                          "(+ einops natsort simple-parsing schedulefree accelerate)")
-    dev = resolve_device(device)
     utils.tune_malloc()                # what train.fit does; every row runs under the same allocator
     from .utils import progress as bar
 
@@ -390,20 +401,26 @@ def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device
             step(xs[i % 2])
         built[r] = (step, flops)
     _sync(dev)
-    times, cpu = {r: [] for r in rows}, {r: [] for r in rows}
+    times, cpu, sectioned = {r: [] for r in rows}, {r: [] for r in rows}, {r: [] for r in rows}
     parts = {r: {sec: [] for sec in kernels.SECTIONS} for r in rows}
+    cuda = dev.type == "cuda"
     load0 = _loadavg()
     for _ in bar(range(rounds), desc="rounds", disable=not progress):
         for r in rows:
             step = built[r][0]
+            if cuda:   # device time between two events, no section syncs inside the step
+                t, c = _time_steps_cuda(step, xs, steps, dev)
+                times[r].append(t)
+                cpu[r].append(c)
             _sync(dev)
             with kernels.timed_sections(dev) as sec:
                 t0, c0 = time.perf_counter(), time.process_time()
                 for i in range(steps):
                     step(xs[i % 2])
                 _sync(dev)
-                times[r].append((time.perf_counter() - t0) / steps)
-                cpu[r].append((time.process_time() - c0) / steps)
+                (sectioned if cuda else times)[r].append((time.perf_counter() - t0) / steps)
+                if not cuda:
+                    cpu[r].append((time.process_time() - c0) / steps)
             for name in kernels.SECTIONS:
                 parts[r][name].append(sec.get(name, 0.0) / steps)
     out = []
@@ -412,6 +429,8 @@ def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device
         row = dict(row=r, label=ROWS[r]["label"], s_per_step=t, s_min=min(times[r]),
                    cpu_s_per_step=statistics.median(cpu[r]), tokens_per_s=shp["batch"] / t,
                    flops_per_token=built[r][1])
+        if cuda:
+            row["s_per_step_sectioned"] = statistics.median(sectioned[r])
         if ROWS[r]["impl"] == "saelib":   # the baselines do not run saelib's sections
             for name in kernels.SECTIONS:
                 row[f"t_{name}"] = statistics.median(parts[r][name])
@@ -431,7 +450,41 @@ def run(shape="small", rows=None, *, steps=2, rounds=5, warmup=2, seed=0, device
             df[f"realised_vs_{ref}"] = df[f"speedup_vs_{ref}"] / df[f"flop_ratio_vs_{ref}"]
     df.attrs.update(shape=shp, device=str(dev), threads=torch.get_num_threads(), steps=steps, rounds=rounds,
                     warmup=warmup, torch=torch.__version__, loadavg=max(load0, _loadavg()), cpus=os.cpu_count())
+    if cuda:
+        df.attrs.update(gpu=torch.cuda.get_device_name(dev), tf32=bool(torch.backends.cuda.matmul.allow_tf32))
     return df
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` (``"auto"``: CUDA when available, else CPU), or a
+    ValueError when it names no device this machine has: ``"cuda"`` without a CUDA device,
+    ``"cuda:3"`` with fewer devices, a name torch does not know."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}: no CUDA device is available "
+                             "(torch.cuda.is_available() is False; this torch build is "
+                             f"{torch.__version__}, CUDA {torch.version.cuda or 'none'})")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device={str(device)!r}: there are only {n} CUDA device(s) (cuda:0 .. cuda:{n - 1})")
+    elif dev.type != "cpu":
+        raise ValueError(f"device={str(device)!r}: the benchmark runs on 'cpu', 'cuda[:i]' or 'auto'")
+    return dev
+
+
+def _time_steps_cuda(step, xs, steps, dev):
+    """Seconds per step on ``dev`` (CUDA events around ``steps`` steps, queue drained
+    before and after) and process CPU seconds per step."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    _sync(dev)
+    c0 = time.process_time()
+    start.record()
+    for i in range(steps):
+        step(xs[i % 2])
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps, (time.process_time() - c0) / steps
 
 
 SHARED = ("decode", "decoder backward", "encoder backward", "optimizer")
@@ -441,6 +494,9 @@ def breakdown(df: pd.DataFrame) -> pd.DataFrame:
     """Milliseconds per step in each of ``kernels.SECTIONS`` for the TopK-style saelib rows of ``df``
     (medians over rounds, from the same steps as ``s_per_step``), ``other`` (the rest of
     the step: loss, elementwise work, allocation, autograd bookkeeping) and ``step``.
+
+    On CUDA the sections come from their own steps (section edges synchronise), so
+    ``step`` is ``s_per_step_sectioned``, the time of those steps.
 
     ``shared`` = decode + decoder backward + encoder backward + optimizer: O(B k d) sparse
     work plus the Adam update of every parameter, which every TopK-style SAE of the same
@@ -456,8 +512,9 @@ def breakdown(df: pd.DataFrame) -> pd.DataFrame:
     keep = df[cols[0]].notna() & df["row"].map(lambda r: ROWS[r].get("kind") in TOPK_KINDS)
     b = df[keep].set_index("row")[cols] * 1e3
     b.columns = list(kernels.SECTIONS)
-    b["other"] = df.set_index("row").loc[b.index, "s_per_step"] * 1e3 - b.sum(axis=1)
-    b["step"] = df.set_index("row").loc[b.index, "s_per_step"] * 1e3
+    step_col = "s_per_step_sectioned" if "s_per_step_sectioned" in df else "s_per_step"
+    b["other"] = df.set_index("row").loc[b.index, step_col] * 1e3 - b.sum(axis=1)
+    b["step"] = df.set_index("row").loc[b.index, step_col] * 1e3
     b["shared"] = b[list(SHARED)].sum(axis=1)
     if "topk" in b.index:
         moe = [r for r in b.index if ROWS[r].get("n_experts")]
@@ -553,13 +610,20 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     for key in ("d", "n-latents", "k", "batch"):
         p.add_argument(f"--{key}", type=int, help=f"override the shape's {key}")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda[:i], or auto (cuda when available); on CUDA each row's steps "
+                        "are timed with CUDA events, the queue drained before and after")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--no-fused-adam", dest="fused_adam", action="store_false",
                    help="plain Adam instead of Adam(fused=True) (train.fit's optimizer) for every row")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--csv", help="also write the table(s) here (shape name appended)")
     a = p.parse_args(argv)
+    try:                               # before any work: a missing GPU is not found after the CPU rows
+        check_device(a.device)
+    except ValueError as e:
+        why = "no CUDA device is available" if "no CUDA device is available" in str(e) else str(e)
+        p.error(f"--device {a.device}: {why.removeprefix(f'device={a.device!r}: ')}")
     if a.threads:
         torch.set_num_threads(a.threads)
     shapes = ["quick"] if a.quick else (a.shape or ["small", "paper"])
@@ -570,7 +634,9 @@ def main(argv=None):
         df = run(shape, **kw)
         s = df.attrs["shape"]
         print(f"\n== {shape}: d={s['d']} n_latents={s['n_latents']} k={s['k']} batch={s['batch']} | "
-              f"{df.attrs['device']}, {df.attrs['threads']} threads, torch {df.attrs['torch']}, "
+              f"{df.attrs['device']}" + (f" ({df.attrs['gpu']}, TF32 matmul {'on' if df.attrs['tf32'] else 'off'})"
+                                          if "gpu" in df.attrs else "") +
+              f", {df.attrs['threads']} threads, torch {df.attrs['torch']}, "
               f"median of {df.attrs['rounds']} rounds x {df.attrs['steps']} steps ==")
         if df.attrs["loadavg"] > 1.25 * df.attrs["cpus"]:
             print(f"WARNING: load average {df.attrs['loadavg']:.1f} on {df.attrs['cpus']} CPUs: other processes "

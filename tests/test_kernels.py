@@ -1,6 +1,11 @@
 """Each fast kernel equals its dense reference twin: forward outputs and every gradient
 (x, W_enc, b_enc, W_dec, values), in float64, on the edge cases the SAEs hit (empty
-experts, one-row batches, ties, n_active in {1, 2, 4}, a non-leaf W_enc)."""
+experts, one-row batches, ties, n_active in {1, 2, 4}, a non-leaf W_enc).
+
+Every kernel test takes the ``device`` fixture: it runs on the CPU and, when a CUDA
+device is present, again on CUDA (kernel and reference both on that device; the inputs
+are drawn on the CPU and moved, so both devices see the same numbers). Without CUDA the
+``cuda`` variants are skipped with the reason below."""
 import pytest
 import torch
 from torch.testing import assert_close
@@ -9,11 +14,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from saelib import kernels as K
 
 F64 = torch.float64
+NO_CUDA = "no CUDA device: the CUDA variant of this test runs only on a machine with a GPU"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA))]
 
 
-def _leaf(*shape, seed, scale=1.0, dtype=F64):
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def _leaf(*shape, seed, scale=1.0, dtype=F64, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_()
+    return (torch.randn(*shape, generator=g, dtype=dtype) * scale).to(device).requires_grad_()
 
 
 def _sorted(values, indices):
@@ -26,9 +38,11 @@ def _run(encode, decode, leaves, loss_seed=0):
     """Encode + decode + a generic loss; returns forward outputs and all leaf grads."""
     vals, idx = encode()
     x_hat = decode(vals, idx)
-    w = torch.randn(x_hat.shape, generator=torch.Generator().manual_seed(loss_seed), dtype=x_hat.dtype)
+    w = torch.randn(x_hat.shape, generator=torch.Generator().manual_seed(loss_seed), dtype=x_hat.dtype).to(x_hat.device)
     ((x_hat * w).sum() + (x_hat ** 2).sum() + vals.sum()).backward()
     grads = [None if t.grad is None else t.grad.clone() for t in leaves]
+    assert vals.device == idx.device == x_hat.device == leaves[0].device     # nothing falls back to the host
+    assert all(g is None or g.device == t.device for g, t in zip(grads, leaves))
     for t in leaves:
         t.grad = None
     return (*_sorted(vals.detach(), idx), x_hat.detach()), grads
@@ -51,10 +65,10 @@ def _assert_same(fast, ref):
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("fold", [False, True])   # b_pre subtracted outside, or passed to the kernel
 @pytest.mark.parametrize("B,d,n,k,bias", [(37, 12, 96, 7, True), (1, 8, 40, 5, False), (64, 16, 64, 64, True)])
-def test_topk_encode_and_sparse_decode_match_reference(B, d, n, k, bias, fold):
-    x0, b_pre = _leaf(B, d, seed=1), _leaf(d, seed=2)
-    W_enc, W_dec = _leaf(n, d, seed=3), _leaf(n, d, seed=4)
-    b_enc = _leaf(n, seed=5, scale=0.1) if bias else None
+def test_topk_encode_and_sparse_decode_match_reference(B, d, n, k, bias, fold, device):
+    x0, b_pre = _leaf(B, d, seed=1, device=device), _leaf(d, seed=2, device=device)
+    W_enc, W_dec = _leaf(n, d, seed=3, device=device), _leaf(n, d, seed=4, device=device)
+    b_enc = _leaf(n, seed=5, scale=0.1, device=device) if bias else None
     leaves = [t for t in (x0, b_pre, W_enc, b_enc, W_dec) if t is not None]
 
     def go(enc, dec):
@@ -69,10 +83,10 @@ def test_topk_encode_and_sparse_decode_match_reference(B, d, n, k, bias, fold):
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("R,n,k,s1,s2", [(37, 2048, 8, 4, 4), (5, 16384, 16, 8, 8), (9, 512, 16, 4, 1),
                                          (6, 96, 3, 2, 2), (4, 100, 3, None, None)])
-def test_group_topk_is_an_exact_topk(R, n, k, s1, s2, ties):
+def test_group_topk_is_an_exact_topk(R, n, k, s1, s2, ties, device):
     """The group-max TopK (one or two levels, and the policy ``_topk`` that picks one)
     returns the TopK multiset at k distinct positions, with and without ties."""
-    pre = torch.randn(R, n, generator=torch.Generator().manual_seed(n + k), dtype=F64)
+    pre = torch.randn(R, n, generator=torch.Generator().manual_seed(n + k), dtype=F64).to(device)
     if ties:
         pre = (pre * 2).round()                      # few distinct values: many ties
         pre[0] = 0
@@ -84,11 +98,13 @@ def test_group_topk_is_an_exact_topk(R, n, k, s1, s2, ties):
         assert torch.equal(vals.sort(-1).values, ref)
 
 
-def test_topk_encode_in_chunks_matches_reference(monkeypatch):
-    """CPU path: several row chunks through the scratch buffer, group TopK (n >= 64 k)."""
+def test_topk_encode_in_chunks_matches_reference(monkeypatch, device):
+    """CPU path: several row chunks through the scratch buffer, group TopK (n >= 64 k);
+    on CUDA the same shape in one block with torch.topk."""
     monkeypatch.setattr(K, "CHUNK_ROWS", 16)
     B, d, n, k = 50, 12, 1024, 8
-    x0, W_enc, W_dec, b_enc = _leaf(B, d, seed=40), _leaf(n, d, seed=41), _leaf(n, d, seed=42), _leaf(n, seed=43)
+    x0, W_enc, W_dec, b_enc = (_leaf(*s, seed=i, device=device) for s, i in (((B, d), 40), ((n, d), 41),
+                                                                            ((n, d), 42), ((n,), 43)))
     leaves = [x0, W_enc, b_enc, W_dec]
 
     def go(enc, dec):
@@ -98,10 +114,10 @@ def test_topk_encode_in_chunks_matches_reference(monkeypatch):
     K.release_workspace()
 
 
-def test_sparse_decode_gradients_of_values_and_weights():
+def test_sparse_decode_gradients_of_values_and_weights(device):
     g = torch.Generator().manual_seed(0)
-    values, W_dec = _leaf(9, 4, seed=6), _leaf(30, 5, seed=7)
-    indices = torch.stack([torch.randperm(30, generator=g)[:4] for _ in range(9)])
+    values, W_dec = _leaf(9, 4, seed=6, device=device), _leaf(30, 5, seed=7, device=device)
+    indices = torch.stack([torch.randperm(30, generator=g)[:4] for _ in range(9)]).to(device)
     assert torch.autograd.gradcheck(lambda v, W: K.sparse_decode(v, indices, W), (values, W_dec))
     # a latent used by several rows accumulates all of their contributions
     indices[:, 0] = 3
@@ -113,20 +129,20 @@ def test_sparse_decode_gradients_of_values_and_weights():
     assert_close(gf, gr)
 
 
-def test_topk_encode_gradcheck():
-    x, W, b = _leaf(6, 5, seed=8), _leaf(20, 5, seed=9), _leaf(20, seed=10)
+def test_topk_encode_gradcheck(device):
+    x, W, b = _leaf(6, 5, seed=8, device=device), _leaf(20, 5, seed=9, device=device), _leaf(20, seed=10, device=device)
     assert torch.autograd.gradcheck(lambda x, W, b: K.topk_encode(x, W, b, 4)[0], (x, W, b))
-    p = _leaf(5, seed=26)
+    p = _leaf(5, seed=26, device=device)
     assert torch.autograd.gradcheck(lambda x, W, b, p: K.topk_encode(x, W, b, 4, b_pre=p)[0], (x, W, b, p))
 
 
 # ---------------------------------------------------------------------------
 # expert dispatch (switch / scale)
 # ---------------------------------------------------------------------------
-def _expert_idx(B, E, n_active, seed, allowed=None):
+def _expert_idx(B, E, n_active, seed, allowed=None, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     pool = torch.arange(E) if allowed is None else torch.tensor(allowed)
-    return torch.stack([pool[torch.randperm(len(pool), generator=g)[:n_active]] for _ in range(B)])
+    return torch.stack([pool[torch.randperm(len(pool), generator=g)[:n_active]] for _ in range(B)]).to(device)
 
 
 @pytest.mark.parametrize("n_active", [1, 2, 4])
@@ -138,15 +154,15 @@ def _expert_idx(B, E, n_active, seed, allowed=None):
     (33, 4, 128, 8, 4, True, None),            # m >= 16 k: the group-max TopK path
 ])
 @pytest.mark.parametrize("fold,presort", [(False, False), (True, False), (True, True)])
-def test_expert_topk_encode_matches_reference(n_active, B, E, m, d, k, bias, allowed, fold, presort):
+def test_expert_topk_encode_matches_reference(n_active, B, E, m, d, k, bias, allowed, fold, presort, device):
     """``fold``: b_pre passed to the kernel (its gradient folded into the sparse backward);
     ``presort``: rows already grouped by (first) expert, the order ``SAE`` feeds them in."""
     if allowed is not None and n_active > len(allowed) or n_active * m < k:
         pytest.skip("shape not valid for this n_active")
-    x0, b_pre = _leaf(B, d, seed=11), _leaf(d, seed=12)
-    W_enc, W_dec = _leaf(E * m, d, seed=13), _leaf(E * m, d, seed=14)
-    b_enc = _leaf(E * m, seed=15, scale=0.1) if bias else None
-    eidx = _expert_idx(B, E, n_active, seed=16, allowed=allowed)
+    x0, b_pre = _leaf(B, d, seed=11, device=device), _leaf(d, seed=12, device=device)
+    W_enc, W_dec = _leaf(E * m, d, seed=13, device=device), _leaf(E * m, d, seed=14, device=device)
+    b_enc = _leaf(E * m, seed=15, scale=0.1, device=device) if bias else None
+    eidx = _expert_idx(B, E, n_active, seed=16, allowed=allowed, device=device)
     if presort:
         eidx = eidx[eidx[:, 0].argsort(stable=True)]
     leaves = [t for t in (x0, b_pre, W_enc, b_enc, W_dec) if t is not None]
@@ -168,13 +184,13 @@ def test_expert_topk_encode_matches_reference(n_active, B, E, m, d, k, bias, all
 
 
 @pytest.mark.parametrize("n_active", [1, 2])
-def test_expert_topk_encode_non_leaf_W_enc(n_active):
+def test_expert_topk_encode_non_leaf_W_enc(n_active, device):
     """Scale SAE feature scaling: W_hat = low + (1 + omega) (W - low) is a function of
     parameters; the gradient must flow through the kernel into W and omega."""
     B, E, m, d, k = 29, 4, 8, 6, 5
-    x, W, W_dec = _leaf(B, d, seed=17), _leaf(E, m, d, seed=18), _leaf(E * m, d, seed=19)
-    omega = _leaf(E, seed=20, scale=0.5)
-    eidx = _expert_idx(B, E, n_active, seed=21)
+    x, W, W_dec = (_leaf(*s, seed=i, device=device) for s, i in (((B, d), 17), ((E, m, d), 18), ((E * m, d), 19)))
+    omega = _leaf(E, seed=20, scale=0.5, device=device)
+    eidx = _expert_idx(B, E, n_active, seed=21, device=device)
 
     def go(enc, dec):
         def encode():
@@ -188,11 +204,11 @@ def test_expert_topk_encode_non_leaf_W_enc(n_active):
                  go(K.expert_topk_encode_reference, K.sparse_decode_reference))
 
 
-def test_expert_topk_encode_gradcheck():
-    x, W, b = _leaf(7, 4, seed=22), _leaf(3, 5, 4, seed=23), _leaf(15, seed=24)
-    eidx = _expert_idx(7, 3, 2, seed=25)
+def test_expert_topk_encode_gradcheck(device):
+    x, W, b = _leaf(7, 4, seed=22, device=device), _leaf(3, 5, 4, seed=23, device=device), _leaf(15, seed=24, device=device)
+    eidx = _expert_idx(7, 3, 2, seed=25, device=device)
     assert torch.autograd.gradcheck(lambda x, W, b: K.expert_topk_encode(x, W, eidx, 4, b)[0], (x, W, b))
-    p = _leaf(4, seed=27)
+    p = _leaf(4, seed=27, device=device)
     assert torch.autograd.gradcheck(lambda x, W, b, p: K.expert_topk_encode(x, W, eidx, 4, b, b_pre=p)[0],
                                     (x, W, b, p))
 
@@ -201,21 +217,22 @@ def test_expert_topk_encode_gradcheck():
 # ties, dtypes, errors, and "no [B, n_latents] tensor"
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("n_active", [0, 1, 2, 4])   # 0: the dense topk_encode
-def test_ties_give_k_distinct_valid_latents(n_active):
+def test_ties_give_k_distinct_valid_latents(n_active, device):
     B, E, m, d, k = 16, 4, 8, 5, 6
     W = torch.randn(E * m, d, dtype=F64).round()          # duplicated rows -> tied pre-activations
     W[1::2] = W[0::2]
     x = torch.randn(B, d, dtype=F64).round()
     x[:4] = 0                                            # rows where every pre-activation is 0
+    W, x = W.to(device), x.to(device)
     if n_active == 0:
         vals, idx = K.topk_encode(x, W, None, k)
         ref_vals, _ = K.topk_encode_reference(x, W, None, k)
-        allowed = torch.ones(B, E * m, dtype=torch.bool)
+        allowed = torch.ones(B, E * m, dtype=torch.bool, device=device)
     else:
-        eidx = _expert_idx(B, E, n_active, seed=26)
+        eidx = _expert_idx(B, E, n_active, seed=26, device=device)
         vals, idx = K.expert_topk_encode(x, W.view(E, m, d), eidx, k)
         ref_vals, _ = K.expert_topk_encode_reference(x, W.view(E, m, d), eidx, k)
-        allowed = torch.zeros(B, E, dtype=torch.bool).scatter(1, eidx, True).repeat_interleave(m, 1)
+        allowed = torch.zeros(B, E, dtype=torch.bool, device=device).scatter(1, eidx, True).repeat_interleave(m, 1)
     assert idx.shape == (B, k) and vals.shape == (B, k)
     assert all(len(set(row.tolist())) == k for row in idx)            # k distinct latents
     assert allowed.gather(1, idx).all()                                # in the selected experts
@@ -223,11 +240,12 @@ def test_ties_give_k_distinct_valid_latents(n_active):
     assert_close(vals.sort(-1).values, ref_vals.sort(-1).values)       # the same multiset as TopK
 
 
-def test_float32_matches_reference_at_a_realistic_shape():
+def test_float32_matches_reference_at_a_realistic_shape(device):
     B, E, m, d, k = 256, 16, 64, 64, 32
-    x, W_dec = _leaf(B, d, seed=27, dtype=torch.float32), _leaf(E * m, d, seed=29, dtype=torch.float32)
-    W = _leaf(E, m, d, seed=28, dtype=torch.float32, scale=d ** -0.5)
-    eidx = _expert_idx(B, E, 2, seed=30)
+    f32 = dict(dtype=torch.float32, device=device)
+    x, W_dec = _leaf(B, d, seed=27, **f32), _leaf(E * m, d, seed=29, **f32)
+    W = _leaf(E, m, d, seed=28, scale=d ** -0.5, **f32)
+    eidx = _expert_idx(B, E, 2, seed=30, device=device)
     leaves = [x, W, W_dec]
     fast = _run(lambda: K.expert_topk_encode(x, W, eidx, k), lambda v, i: K.sparse_decode(v, i, W_dec), leaves)
     ref = _run(lambda: K.expert_topk_encode_reference(x, W, eidx, k),
@@ -242,16 +260,16 @@ def test_float32_matches_reference_at_a_realistic_shape():
 
 @pytest.mark.parametrize("n", [50, 5000])        # 5000: most rows untouched, must come back 0
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_scatter_rows_all_dtypes(dtype, n):
-    """The CSR product (float32/64) and the index_add fallback (half types)."""
+def test_scatter_rows_all_dtypes(dtype, n, device):
+    """The CSR product (float32/64; cuSPARSE on CUDA) and the index_add fallback (half types)."""
     g = torch.Generator().manual_seed(31)
     idx = torch.randint(0, n, (300, 7), generator=g)
     coef, rhs = torch.randn(300, 7, generator=g), torch.randn(300, 3, generator=g)
     contrib = (coef[:, :, None] * rhs[:, None]).flatten(0, 1).double()
-    ref = torch.zeros(n, 3, dtype=F64).index_add_(0, idx.flatten(), contrib)
-    torch.full((n * 3,), float("nan"), dtype=dtype)   # leave NaNs in freed memory the kernel may get
-    out = K._scatter_rows(idx, coef.to(dtype), rhs.to(dtype), n)
-    assert out.dtype == dtype
+    ref = torch.zeros(n, 3, dtype=F64).index_add_(0, idx.flatten(), contrib).to(device)
+    torch.full((n * 3,), float("nan"), dtype=dtype, device=device)   # leave NaNs in freed memory the kernel may get
+    out = K._scatter_rows(idx.to(device), coef.to(device, dtype), rhs.to(device, dtype), n)
+    assert out.dtype == dtype and out.device == ref.device
     tol = 0.05 if dtype == torch.bfloat16 else 1e-5
     assert_close(out.double(), ref, rtol=tol, atol=tol)
 
@@ -279,14 +297,14 @@ class _Sizes(TorchDispatchMode):
         return out
 
 
-def test_no_dense_batch_by_latents_tensor():
+def test_no_dense_batch_by_latents_tensor(device):
     """The expert path never forms [B, n_latents] (forward or backward); the dense TopK
     path forms it only in the forward matmul, never in its backward or in the decoder."""
     B, E, m, d, k = 96, 16, 32, 8, 4
     n = E * m
-    x, W, W_dec = _leaf(B, d, seed=32), _leaf(E, m, d, seed=33), _leaf(n, d, seed=34)
-    b = _leaf(n, seed=35)
-    eidx = _expert_idx(B, E, 2, seed=36)
+    x, W, W_dec = (_leaf(*s, seed=i, device=device) for s, i in (((B, d), 32), ((E, m, d), 33), ((n, d), 34)))
+    b = _leaf(n, seed=35, device=device)
+    eidx = _expert_idx(B, E, 2, seed=36, device=device)
     with _Sizes() as rec:
         vals, idx = K.expert_topk_encode(x, W, eidx, k, b)
         K.sparse_decode(vals, idx, W_dec).pow(2).sum().backward()
@@ -328,14 +346,14 @@ def test_bench_runs_and_reports_consistent_ratios():
         bench.run("huge")
 
 
-def test_timed_sections_record_only_inside_the_block():
-    x, W, W_dec = _leaf(8, 4, seed=30), _leaf(16, 4, seed=31), _leaf(16, 4, seed=32)
+def test_timed_sections_record_only_inside_the_block(device):
+    x, W, W_dec = (_leaf(*s, seed=i, device=device) for s, i in (((8, 4), 30), ((16, 4), 31), ((16, 4), 32)))
 
     def step():
         v, i = K.topk_encode(x, W, None, 3)
         K.sparse_decode(v, i, W_dec).sum().backward()
 
-    with K.timed_sections() as t:
+    with K.timed_sections(device) as t:
         step()
         with pytest.raises(RuntimeError, match="already active"):
             with K.timed_sections():
@@ -354,27 +372,27 @@ def test_tune_malloc_is_idempotent():
     assert isinstance(first, bool) and utils.tune_malloc() == first
 
 
-def test_feature_scale_mean_matches_the_formula():
-    W, omega = _leaf(3, 5, 4, seed=40), _leaf(3, seed=41, scale=0.5)
+def test_feature_scale_mean_matches_the_formula(device):
+    W, omega = _leaf(3, 5, 4, seed=40, device=device), _leaf(3, seed=41, scale=0.5, device=device)
     assert torch.autograd.gradcheck(K.feature_scale_mean, (W, omega))
     low = W.mean(1, keepdim=True)
     plain = low + (1 + omega.view(-1, 1, 1)) * (W - low)
     assert_close(K.feature_scale_mean(W, omega), plain)
-    G = torch.randn(3, 5, 4, dtype=F64)
+    G = torch.randn(3, 5, 4, dtype=F64).to(device)
     assert_close(torch.autograd.grad(K.feature_scale_mean(W, omega), [W, omega], G),
                  torch.autograd.grad(plain, [W, omega], G))
 
 
 @pytest.mark.parametrize("mode", ["train", "train_guess_high", "train_guess_low", "few_positive", "inference"])
-def test_batch_topk_encode_matches_reference(mode, monkeypatch):
+def test_batch_topk_encode_matches_reference(mode, monkeypatch, device):
     """Values, the cut and every gradient equal the dense BatchTopK, also when the rows are
     done in several blocks, when the guess filter is too tight (falls back to all
     positives) and when the batch has fewer than k*B positive entries."""
     monkeypatch.setattr(K, "CHUNK_ROWS", 7)
     B, d, n, k = 23, 6, 40, 3
-    x, b_pre = _leaf(B, d, seed=50), _leaf(d, seed=51)
-    W_enc, W_dec = _leaf(n, d, seed=52), _leaf(n, d, seed=53)
-    b_enc = _leaf(n, seed=54, scale=0.1)
+    x, b_pre = _leaf(B, d, seed=50, device=device), _leaf(d, seed=51, device=device)
+    W_enc, W_dec = _leaf(n, d, seed=52, device=device), _leaf(n, d, seed=53, device=device)
+    b_enc = _leaf(n, seed=54, scale=0.1, device=device)
     if mode == "few_positive":
         with torch.no_grad():
             b_enc -= 7.0
@@ -382,7 +400,8 @@ def test_batch_topk_encode_matches_reference(mode, monkeypatch):
     z_ref, cut_ref = K.batch_topk_encode_reference(x, W_enc, b_enc, k, b_pre=b_pre, threshold=threshold)
     guess = {"train_guess_high": 10 * (cut_ref or 1), "train_guess_low": 0.5 * (cut_ref or 1)}.get(mode)
     vals, idx, cut = K.batch_topk_encode(x, W_enc, b_enc, k, b_pre=b_pre, threshold=threshold, guess=guess)
-    z = torch.zeros(B, n, dtype=F64).scatter_add(1, idx, vals)
+    assert vals.device == idx.device == x.device
+    z = torch.zeros(B, n, dtype=F64, device=device).scatter_add(1, idx, vals)
     assert_close(z, z_ref)
     if mode == "inference":
         assert cut is None
@@ -392,7 +411,7 @@ def test_batch_topk_encode_matches_reference(mode, monkeypatch):
         assert int((z > 0).sum()) >= (k * B if mode != "few_positive" else 0)
     assert vals.shape[1] == int((z_ref > 0).sum(1).max())      # width = the widest row
     leaves = [x, b_pre, W_enc, b_enc, W_dec]
-    w = torch.randn(B, d, dtype=F64, generator=torch.Generator().manual_seed(55))
+    w = torch.randn(B, d, dtype=F64, generator=torch.Generator().manual_seed(55)).to(device)
     g_fast = torch.autograd.grad(((K.sparse_decode(vals, idx, W_dec) * w).sum() + vals.sum()), leaves)
     g_ref = torch.autograd.grad(((z_ref @ W_dec) * w).sum() + z_ref.sum(), leaves)
     for a, b in zip(g_fast, g_ref):
