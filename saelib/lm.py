@@ -207,6 +207,62 @@ def _train(tokenized, tokenizer, config, dev):
     return model.eval(), hist
 
 
+TRAIN_COLUMNS = ["step", "loss", "lr", "tokens_seen", "tokens_per_s"]
+EVAL_COLUMNS = ["step", "domain", "loss", "ppl"]
+
+
+def training_summary(history: dict | None, name: str | None = None) -> dict:
+    """What chapter 00 reports about how the subject model was trained, from
+    :func:`train_lm`'s ``history`` (``SubjectModel.history``), or None for a model loaded
+    from the hub or from a folder without ``history.json`` (``lm.name``; not trained here).
+
+    Returns a dict: ``trained`` (bool); ``train`` and ``eval``, DataFrames of the logged
+    training rows (:data:`TRAIN_COLUMNS`) and validation rows (:data:`EVAL_COLUMNS`), empty
+    with those columns when there is no history; ``steps`` and ``tokens_seen`` (ints, None
+    when not trained); ``tokens_per_s`` (median over the logged intervals) and ``final_loss``
+    (the last logged training loss), NaN when not trained; ``final_eval``, the last
+    evaluation indexed by domain (columns step, loss, ppl; empty if none); ``note``, one
+    sentence for the prose, e.g. "It was trained here for 40 steps on 10,240 tokens." or
+    "It was loaded (gpt2), not trained here, so there is no training curve." (``name``:
+    what was loaded).
+
+    >>> training_summary(None, "gpt2")["tokens_seen"] is None
+    True
+    """
+    import pandas as pd
+
+    hist = history or {}
+    train = pd.DataFrame(hist.get("train") or [])
+    train = train if len(train) else pd.DataFrame(columns=TRAIN_COLUMNS)
+    ev = pd.DataFrame(hist.get("eval") or [])
+    ev = ev if len(ev) else pd.DataFrame(columns=EVAL_COLUMNS)
+    trained = len(train) > 0
+    final_eval = (ev[ev.step == ev.step.max()].set_index("domain") if len(ev)
+                  else pd.DataFrame(columns=["step", "loss", "ppl"], index=pd.Index([], name="domain")))
+    if trained:
+        steps, seen = int(train.step.iloc[-1]), int(train.tokens_seen.iloc[-1])
+        note = f"It was trained here for {steps:,} steps on {seen:,} tokens."
+        return {"trained": True, "train": train, "eval": ev, "steps": steps, "tokens_seen": seen,
+                "tokens_per_s": float(train.tokens_per_s.median()), "final_loss": float(train.loss.iloc[-1]),
+                "final_eval": final_eval, "note": note}
+    what = f" ({name})" if name else ""
+    return {"trained": False, "train": train, "eval": ev, "steps": None, "tokens_seen": None,
+            "tokens_per_s": float("nan"), "final_loss": float("nan"), "final_eval": final_eval,
+            "note": f"It was loaded{what}, not trained here, so there is no training curve."}
+
+
+def final_validation(sm, batch_size: int = 16, max_batches: int | None = None):
+    """Validation loss and perplexity per domain of a :class:`SubjectModel`, a DataFrame
+    indexed by domain (columns loss, ppl, ...; a row "all"): the last evaluation of its
+    training history when it was trained here (no new work), else measured now with
+    :func:`evaluate` on ``sm.tokenized["validation"]`` (``batch_size`` sequences per batch,
+    at most ``max_batches`` batches per domain)."""
+    summary = training_summary(sm.history)
+    if len(summary["final_eval"]):
+        return summary["final_eval"]
+    return evaluate(sm.model, sm.tokenized["validation"], batch_size, max_batches).set_index("domain")
+
+
 def load_model(name_or_path, device="auto"):
     """Any causal LM (``AutoModelForCausalLM``) from a local directory or the hub, in eval mode."""
     from transformers import AutoModelForCausalLM

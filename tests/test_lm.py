@@ -98,3 +98,30 @@ def test_subject_model_pipeline(setup):
     loaded = lm.subject_model({**cfg, "lm": {"name": sm.path, "n_ctx": None}})
     assert loaded.path == sm.path and loaded.history["train"] == sm.history["train"]
     assert data.token_hash(loaded.tokenized["train"]) == data.token_hash(sm.tokenized["train"])
+
+
+def test_training_summary_of_a_trained_and_of_a_loaded_model(setup):
+    s = lm.training_summary(setup["hist"])
+    assert s["trained"] and s["steps"] == 40 and s["tokens_seen"] == 40 * 8 * 32
+    assert isinstance(s["tokens_seen"], int) and s["tokens_per_s"] > 0 and math.isfinite(s["final_loss"])
+    assert list(s["train"].step)[-1] == 40 and set(s["eval"].domain) == {"alpha", "beta", "all"}
+    assert sorted(s["final_eval"].index) == ["all", "alpha", "beta"] and (s["final_eval"].step == 40).all()
+    assert "trained here for 40 steps on 10,240 tokens" in s["note"]
+
+    none = lm.training_summary(None, "gpt2")     # a hub / local model without history.json
+    assert not none["trained"] and none["steps"] is None and none["tokens_seen"] is None
+    assert math.isnan(none["tokens_per_s"]) and math.isnan(none["final_loss"])
+    assert len(none["train"]) == 0 and list(none["train"].columns) == lm.TRAIN_COLUMNS
+    assert len(none["eval"]) == 0 and len(none["final_eval"]) == 0 and "ppl" in none["final_eval"].columns
+    assert none["note"] == "It was loaded (gpt2), not trained here, so there is no training curve."
+    assert lm.training_summary({})["trained"] is False
+
+
+def test_final_validation_from_history_or_measured(setup):
+    trained = lm.SubjectModel(setup["model"], setup["tok"], setup["dsd"], setup["td"], setup["hist"], "x", 0)
+    f = lm.final_validation(trained)
+    assert f.ppl.to_dict() == {r["domain"]: r["ppl"] for r in setup["hist"]["eval"] if r["step"] == 40}
+    loaded = lm.SubjectModel(setup["model"], setup["tok"], setup["dsd"], setup["td"], None, "x", 0)
+    g = lm.final_validation(loaded, batch_size=4, max_batches=1)   # no history: measured on the validation split
+    assert sorted(g.index) == ["all", "alpha", "beta"] and (g.ppl > 1).all()
+    assert abs(g.loss["all"] - f.loss["all"]) < 0.5         # the same model, a smaller sample
