@@ -11,6 +11,10 @@ Site names follow TransformerLens: ``blocks.{i}.{kind}`` with kind one of
 Any other string is taken as a module path of the model (``model.get_submodule``)
 and hooks that module's output. GPT-2 (``transformer.h``), Llama/Mistral-like
 (``model.layers``) and GPT-NeoX (``gpt_neox.layers``) block lists are recognised.
+
+Training data comes from :func:`source`: an on-disk :class:`ActivationStore` (:func:`collect`)
+or, for runs too large to store, a :class:`saelib.stream.ActivationStream` that computes the
+same rows on the fly (profile key ``activations.mode``).
 """
 from __future__ import annotations
 

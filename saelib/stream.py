@@ -302,7 +302,12 @@ class ActivationStream:
                     with atomic_path(path) as tmp:
                         tmp.mkdir()
                         torch.save(self.model, tmp / "model.pt")
-                        np.save(tmp / "tokens.npy", self._source.take(slice(0, self.n_seq)).numpy())
+                        out = np.lib.format.open_memmap(tmp / "tokens.npy", "w+", np.int64,
+                                                        (self.n_seq, self._source.n_ctx))
+                        for i in range(0, self.n_seq, 4096):      # in slices: never the whole corpus in RAM
+                            out[i:i + 4096] = self._source.take(slice(i, min(i + 4096, self.n_seq))).numpy()
+                        out.flush()
+                        del out
                         spec = dict(site=self.site, n_tokens=self.meta["n_tokens_requested"],
                                     buffer_tokens=self.buffer_tokens, dtype=self.dtype, skip_bos=self.skip_bos,
                                     model_batch_size=self.model_batch_size, allow_repeat=True)
