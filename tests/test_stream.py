@@ -226,4 +226,8 @@ def test_profiles_modes_and_paper_numbers():
     paper = config.load_profile("paper")
     acts, d = paper["activations"], paper["lm"]["n_embd"]
     assert acts["buffer_tokens"] * d * 2 < 8 * 2**30 < acts["n_tokens"] * d * 2   # buffer fits a GPU, a store not
-    assert paper["data"]["max_docs_per_domain"] is None               # every OpenWebText document: ~9B tokens
+    tokens_per_doc = 1100                                              # OpenWebText, GPT-2 tokenizer (~1.1k per document)
+    bud = paper["chapter01"]["budget"]
+    need = acts["n_tokens"] * max(1, bud.get("factor", 1)) if isinstance(bud, dict) else acts["n_tokens"]
+    assert paper["data"]["max_docs_per_domain"] * tokens_per_doc * 0.9 > need    # 90% train split, no repeats
+    assert paper["data"]["corpus"].endswith("@refs/convert/parquet")
