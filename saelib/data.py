@@ -154,14 +154,20 @@ def _read_domain(domain: str) -> tuple[list[str], list[str]]:
 def _cached_domain(domain: str) -> tuple[list[str], list[str]]:
     """Cleaned (ids, texts) of one minipile domain, cached as Arrow keyed by the
     source files' names/sizes/mtimes and the cleaning version."""
-    import datasets
-
     files = _source_files(domain)
     finger = hashlib.sha256("".join(f"{f}:{(s := f.stat()).st_size}:{s.st_mtime_ns}" for f in files).encode())
     path = cache_dir("corpus") / f"{domain}-{config_hash([CLEAN_VERSION, finger.hexdigest()])}"
 
+    return _cached_docs(path, lambda: _read_domain(domain), f"cleaned corpus domain {domain!r}")
+
+
+def _cached_docs(path: Path, read, what: str):
+    """``(ids, texts)`` from the Arrow cache entry ``path``, built by ``read()`` when missing
+    (:func:`saelib.utils.cached`: atomic write, checksummed, rebuilt when damaged)."""
+    import datasets
+
     def build(path):
-        ids, texts = _read_domain(domain)
+        ids, texts = read()
         with atomic_path(path) as tmp, _datasets_bars():
             datasets.Dataset.from_dict({"id": ids, "text": texts}).save_to_disk(str(tmp))
 
@@ -169,7 +175,7 @@ def _cached_domain(domain: str) -> tuple[list[str], list[str]]:
         with _datasets_bars():
             ds = datasets.load_from_disk(str(path))
         return column(ds, "id"), column(ds, "text")
-    return cached(path, build, load, f"cleaned corpus domain {domain!r}")
+    return cached(path, build, load, what)
 
 
 FILE_BUILDERS = ("parquet", "json", "csv", "arrow")   # hf:<builder>:<data_files>
@@ -301,17 +307,8 @@ def _load_hf(spec: str, max_docs=None, seed=0, streaming=None) -> dict[str, tupl
             raise ValueError(f"corpus='hf:{spec}': streaming needs data.max_docs_per_domain (how many documents "
                              "to take from the stream)")
         path = cache_dir("corpus") / f"stream-{p['domain']}-{config_hash([STREAM_VERSION, spec, max_docs, seed, STREAM_BUFFER])}"
-
-        def build(path):
-            ids, texts = _stream_sample(spec, p, max_docs, seed)
-            with atomic_path(path) as tmp, _datasets_bars():
-                datasets.Dataset.from_dict({"id": ids, "text": texts}).save_to_disk(str(tmp))
-
-        def load(path):
-            with _datasets_bars():
-                ds = datasets.load_from_disk(str(path))
-            return column(ds, "id"), column(ds, "text")
-        ids, texts = cached(path, build, load, f"streamed corpus sample hf:{spec}")
+        ids, texts = _cached_docs(path, lambda: _stream_sample(spec, p, max_docs, seed),
+                                  f"streamed corpus sample hf:{spec}")
         if len(ids) > max_docs:          # several splits: a seeded choice of max_docs over all of them
             keep = sorted(sorted(range(len(ids)), key=lambda i: _u(seed, ids[i]))[:max_docs])
             ids, texts = [ids[i] for i in keep], [texts[i] for i in keep]

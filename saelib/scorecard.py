@@ -83,7 +83,7 @@ def _ours(s) -> str:
 
 def render(chapters: list[Path], book_dir: Path) -> str:
     """The scorecard page (MyST markdown) for the executed ``chapters`` (paths inside
-    ``book_dir``); chapters without a claims table (the subject model, efficiency) are skipped."""
+    ``book_dir``); chapters without a claims table (the subject model) are skipped."""
     counts, sections = [], []
     for path in chapters:
         rows = claims_from_notebook(path)
