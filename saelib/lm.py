@@ -91,7 +91,7 @@ def train_lm(tokenized, tokenizer, *, n_layer: int, n_embd: int, n_head: int, n_
              batch_size: int, lr: float, warmup: int, weight_decay: float = 0.1, eval_every: int,
              eval_batches: int | None = 8, seed: int = 0, device="auto", precision: str = "float32",
              n_inner: int | None = None, n_experts: int = 1, moe_every: int = 1, router_aux_coef: float = 0.01,
-             capacity_factor: float | None = None):
+             capacity_factor: float | None = None, cached_only: bool = False):
     """Train ``GPT2LMHeadModel`` from scratch on ``tokenized["train"]`` with AdamW
     (betas 0.9/0.95, decoupled weight decay on matrices only), linear warm-up +
     cosine decay, gradient clipping at 1, no dropout; ``precision="bfloat16"``
@@ -106,6 +106,7 @@ def train_lm(tokenized, tokenizer, *, n_layer: int, n_embd: int, n_head: int, n_
 
     history: {"train": [{step, loss, lr, tokens_seen, tokens_per_s}],
               "eval": [{step, domain, loss, ppl}], "config", "n_params", "train_seconds", "path"}.
+    ``cached_only=True``: never train; ``(None, None)`` when the model is not cached.
     """
     for name in ("n_layer", "n_embd", "n_head", "n_ctx", "steps", "batch_size", "eval_every"):
         check_positive_int(name, locals()[name])
@@ -129,6 +130,8 @@ def train_lm(tokenized, tokenizer, *, n_layer: int, n_embd: int, n_head: int, n_
                        "train": data.token_hash(tokenized["train"]),
                        "validation": data.token_hash(tokenized["validation"])})
     path = cache_dir("lm") / key
+    if cached_only and not (usable_entry(path, "language model") and (path / "history.json").exists()):
+        return None, None
     with entry_lock(path):      # a second process wanting this model waits for the first, then loads it
         if not (usable_entry(path, "language model") and (path / "history.json").exists()):
             model, history = _train(tokenized, tokenizer, config, resolve_device(device))
@@ -350,13 +353,25 @@ def subject_model(cfg: dict) -> SubjectModel:
         path = str(m["name"])
     else:
         corpus, tokenizer, tokenized = prepare_data(cfg)
-        keys = ("n_layer", "n_embd", "n_head", "n_ctx", "steps", "batch_size", "lr", "warmup", "weight_decay",
-                "eval_every", "eval_batches", "precision", "n_inner", *moe_lm.MOE_DEFAULTS)
-        model, history = train_lm(tokenized, tokenizer, **{k: m[k] for k in keys if k in m}, seed=seed,
-                                  device=device)
+        model, history = train_lm(tokenized, tokenizer, **_lm_kwargs(m), seed=seed, device=device)
         path = history["path"]
     return SubjectModel(model, tokenizer, corpus, tokenized, history, path,
                         sum(p.numel() for p in model.parameters()), cfg)
+
+
+def _lm_kwargs(m: dict) -> dict:
+    """The :func:`train_lm` arguments of a profile's ``lm`` section."""
+    keys = ("n_layer", "n_embd", "n_head", "n_ctx", "steps", "batch_size", "lr", "warmup", "weight_decay",
+            "eval_every", "eval_batches", "precision", "n_inner", *moe_lm.MOE_DEFAULTS)
+    return {k: m[k] for k in keys if k in m}
+
+
+def _cached(cfg: dict) -> bool:
+    """Whether :func:`subject_model` of ``cfg`` (a trained model) would load without training."""
+    _, tokenizer, tokenized = prepare_data(cfg)
+    model, _ = train_lm(tokenized, tokenizer, **_lm_kwargs(cfg["lm"]), seed=cfg.get("seed", 0), device="cpu",
+                        cached_only=True)
+    return model is not None
 
 
 def _train_one(cfg: dict) -> str:
@@ -390,5 +405,8 @@ def train_many(cfgs: list[dict], workers: int | None = None, threads: int = 1, l
             seen.add(key)
             prepare_data(c)
     labels = labels or [f"n_layer={c['lm']['n_layer']} n_embd={c['lm']['n_embd']}" for c in cfgs]
-    pool.map_processes(_train_one, cfgs, workers=workers, threads=threads, labels=labels, desc=desc, unit="model")
+    todo = [i for i, c in enumerate(cfgs) if not _cached(c)]       # no pool when every model is cached
+    if todo:
+        pool.map_processes(_train_one, [cfgs[i] for i in todo], workers=workers, threads=threads,
+                           labels=[labels[i] for i in todo], desc=desc, unit="model")
     return [subject_model(c) for c in cfgs]

@@ -51,3 +51,14 @@ def test_train_many_gives_the_models_trained_alone(tmp_path, monkeypatch):
             assert torch.equal(p, q), k
     with pytest.raises(ValueError, match="lm.name"):
         lm.train_many([{**base, "lm": dict(LM, name="gpt2")}])
+    # every model cached: no pool is started, the cached models come back
+    def no_pool(*a, **k):
+        raise AssertionError("the pool was started although every model is cached")
+    monkeypatch.setattr(pool, "map_processes", no_pool)
+    again = lm.train_many(cfgs, workers=2)
+    assert [m.path for m in again] == [m.path for m in many]
+    # one model missing: only that one goes to the pool
+    calls = []
+    monkeypatch.setattr(pool, "map_processes", lambda fn, items, **k: calls.append(k["labels"]) or [fn(i) for i in items])
+    lm.train_many([cfgs[0], {**base, "lm": dict(LM, steps=6, eval_every=6)}], workers=2, labels=["cached", "new"])
+    assert calls == [["new"]]
