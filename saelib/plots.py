@@ -13,13 +13,33 @@ DOMAIN_COLORS = {"shakespeare": "#8172b3", "pydocs": "#55a868", "kerneldocs": "#
 
 
 def use_style() -> None:
-    """Apply the book's style; call once at the top of a notebook."""
+    """Apply the book's style; call once at the top of a notebook. In a Jupyter kernel it
+    first selects the inline backend (``%matplotlib inline``), so figures are stored in the
+    executed notebook even when ``MPLBACKEND`` (e.g. ``Agg``) is set in the environment,
+    which would otherwise leave every figure and glued figure without its image."""
+    _inline_in_kernel()
     sns.set_theme(context="notebook", style="whitegrid", palette="deep", font_scale=0.95)
     plt.rcParams.update({
         "figure.figsize": (6.4, 3.8), "figure.dpi": 110, "savefig.dpi": 110,
         "axes.titleweight": "bold", "axes.spines.top": False, "axes.spines.right": False,
         "legend.frameon": False,
     })
+
+
+def _inline_in_kernel(shell=None) -> bool:
+    """Switch matplotlib to the inline backend when running in an IPython kernel (``shell``:
+    the IPython shell, default ``get_ipython()``); True when it did."""
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        shell = get_ipython()
+    if shell is None or getattr(shell, "kernel", None) is None:
+        return False                      # plain Python or a terminal IPython: leave the backend alone
+    if "inline" not in str(plt.get_backend()):
+        shell.run_line_magic("matplotlib", "inline")
+    return True
 
 
 def color(name: str) -> str:
