@@ -32,7 +32,10 @@ import torch
 
 from . import saes
 
-FLAGS = ("kind", "n_latents", "k", "n_experts", "n_active", "l1_coef", "alpha", "steps", "batch_size", "lr",
+BUILD_FLAGS = ("n_latents", "k", "n_experts", "n_active", "l1_coef", "alpha", "feature_scaling", "decomposition",
+               "renormalize_router", "weight_before_topk", "balance_scale", "seed")
+FLAGS = ("kind", "n_latents", "k", "n_experts", "n_active", "l1_coef", "alpha", "feature_scaling", "decomposition",
+         "renormalize_router", "weight_before_topk", "balance_scale", "steps", "batch_size", "lr",
          "seed", "normalize", "aux_k", "log_every", "data", "data_key", "out", "expert_parallel",
          "checkpoint_every", "device", "overwrite")
 
@@ -50,6 +53,15 @@ def _aux_k(text: str):
     if value < 0:
         raise argparse.ArgumentTypeError(f"--aux-k must be true, false or a positive integer, got {text!r}")
     return value
+
+
+def _bool(text) -> bool:
+    low = str(text).lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _positive(text):
@@ -76,6 +88,13 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--n-active", type=_positive, help="scale: experts per row (default 2)")
     a.add_argument("--l1-coef", type=float, help="relu/gated sparsity coefficient")
     a.add_argument("--alpha", type=float, help="switch/scale load-balancing weight (default 3)")
+    a.add_argument("--feature-scaling", type=_bool, help="scale: true (default) or false")
+    a.add_argument("--decomposition", choices=saes.DECOMPOSITIONS, help="scale feature scaling's W_low (default mean)")
+    a.add_argument("--renormalize-router", action="store_true", default=None,
+                   help="scale: the official code's softmax over the selected experts' probabilities")
+    a.add_argument("--weight-before-topk", action="store_true", default=None,
+                   help="scale: the official code's TopK over router-weighted activations")
+    a.add_argument("--balance-scale", choices=saes.BALANCE_SCALES, help="switch/scale: raw (default) or normalized")
     t = p.add_argument_group("training (train.fit)")
     t.add_argument("--steps", type=_positive, help="default 2000")
     t.add_argument("--batch-size", type=_positive, help="global batch (rows per step over all ranks), default 1024")
@@ -207,8 +226,7 @@ def main(argv=None) -> int:
     try:
         data = open_data(cfg["data"], cfg.get("data_key"))
         d_in = data.d if not torch.is_tensor(data) else data.shape[1]
-        build = {key: cfg[key] for key in ("n_latents", "k", "n_experts", "n_active", "l1_coef", "alpha", "seed")
-                 if cfg.get(key) is not None}
+        build = {key: cfg[key] for key in BUILD_FLAGS if cfg.get(key) is not None}
         sae = saes.build(cfg["kind"], d_in=int(d_in), **build)
         if cfg["batch_size"] > len(data):
             raise ValueError(f"--batch-size {cfg['batch_size']} exceeds the {len(data)} rows of --data")

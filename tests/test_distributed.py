@@ -280,6 +280,24 @@ def test_cli_config_file_and_safetensors(tmp_path):
     assert train_cli.main(argv + ["--overwrite"]) == 0
 
 
+def test_cli_scale_options_reach_saes_build(tmp_path, capsys):
+    acts = tmp_path / "acts.npy"
+    np.save(acts, np.random.default_rng(0).standard_normal((256, 8)).astype("float32"))
+    argv = ["--data", str(acts), "--kind", "scale", "--n-latents", "32", "--k", "4", "--n-experts", "4",
+            "--n-active", "2", "--steps", "3", "--batch-size", "64", "--device", "cpu", "--weight-before-topk",
+            "--renormalize-router", "--feature-scaling", "true", "--decomposition", "learned",
+            "--balance-scale", "normalized", "--out", str(tmp_path / "o")]
+    assert train_cli.main(argv) == 0
+    cfg = saes.load(tmp_path / "o" / "sae").config
+    assert cfg["weight_before_topk"] and cfg["renormalize_router"] and cfg["decomposition"] == "learned"
+    assert cfg["balance_scale"] == "normalized" and cfg["feature_scaling"]
+    err = _cli_error(argv[:-2] + ["--feature-scaling", "maybe", "--out", str(tmp_path / "p")], capsys)
+    assert "--feature-scaling" in err and "expected true or false" in err
+    err = _cli_error(["--data", str(acts), "--kind", "topk", "--n-latents", "32", "--k", "4", "--weight-before-topk",
+                      "--out", str(tmp_path / "q")], capsys)
+    assert "weight_before_topk=True is only allowed for kind='scale'" in err
+
+
 def test_cost_model():
     df = D.cost_model(8, d_in=768, n_latents=24576, k=32, n_experts=16, batch_size=4096).set_index("mode")
     assert df.loc["expert parallel", "compute_s"] == pytest.approx(df.loc["1 device", "compute_s"] / 8)
