@@ -116,8 +116,33 @@ def execute(nb: Path, out_dir: Path, parameters: dict, profile: str, failed_dir:
             os.replace(tmp, kept)
             print(f"  failed notebook kept at {kept}", file=sys.stderr)
         raise
+    relative_paths(tmp, final)
     os.replace(tmp, final)
     return time.perf_counter() - t0
+
+
+def relative_paths(path: Path, output: Path | None = None) -> None:
+    """Rewrite papermill's ``metadata.papermill.input_path`` / ``output_path`` of the notebook
+    at ``path`` relative to the repository (``output``: the path to record as the output), so
+    no absolute path of the machine that ran it is committed with an executed notebook."""
+    import json
+
+    nb = json.loads(Path(path).read_text())
+    pm = nb.get("metadata", {}).get("papermill")
+    if not pm:
+        return
+
+    def rel(p):
+        try:
+            return Path(p).resolve().relative_to(REPO_ROOT.resolve()).as_posix()
+        except ValueError:
+            return Path(p).name                          # outside the repository: the file name only
+    changed = False
+    for key, val in (("input_path", pm.get("input_path")), ("output_path", str(output or pm.get("output_path") or ""))):
+        if val and rel(val) != val:
+            pm[key], changed = rel(val), True
+    if changed:
+        Path(path).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
 def jupyter_book_cmd() -> list[str]:

@@ -91,3 +91,19 @@ def test_profiles_load_and_reject_unknown_keys():
         config.load_profile("quick", {"lm": {"n_layerz": 3}})
     with pytest.raises(ValueError, match="profile='huge'"):
         config.load_profile("huge")
+
+
+def test_relative_paths_keep_no_machine_path(tmp_path):
+    import json
+    from saelib import run
+    nb = tmp_path / "x.ipynb"
+    meta = {"papermill": {"input_path": str(run.REPO_ROOT / "notebooks" / "00_subject_model.ipynb"),
+                          "output_path": str(run.REPO_ROOT / "book" / "chapters" / ".00.123.running.ipynb")}}
+    nb.write_text(json.dumps({"cells": [], "metadata": meta, "nbformat": 4, "nbformat_minor": 5}))
+    run.relative_paths(nb, run.REPO_ROOT / "book" / "chapters" / "00_subject_model.ipynb")
+    pm = json.loads(nb.read_text())["metadata"]["papermill"]
+    assert pm == {"input_path": "notebooks/00_subject_model.ipynb", "output_path": "book/chapters/00_subject_model.ipynb"}
+    meta["papermill"]["input_path"] = "/somewhere/else/y.ipynb"          # outside the repository: the name only
+    nb.write_text(json.dumps({"cells": [], "metadata": meta, "nbformat": 4, "nbformat_minor": 5}))
+    run.relative_paths(nb)
+    assert json.loads(nb.read_text())["metadata"]["papermill"]["input_path"] == "y.ipynb"
