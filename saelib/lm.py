@@ -106,7 +106,8 @@ def train_lm(tokenized, tokenizer, *, n_layer: int, n_embd: int, n_head: int, n_
 
     history: {"train": [{step, loss, lr, tokens_seen, tokens_per_s}],
               "eval": [{step, domain, loss, ppl}], "config", "n_params", "train_seconds", "path"}.
-    ``cached_only=True``: never train; ``(None, None)`` when the model is not cached.
+    ``cached_only=True``: never train and never load the weights: ``(None, history)`` when the
+    model is cached, ``(None, None)`` when not.
     """
     for name in ("n_layer", "n_embd", "n_head", "n_ctx", "steps", "batch_size", "eval_every"):
         check_positive_int(name, locals()[name])
@@ -130,8 +131,10 @@ def train_lm(tokenized, tokenizer, *, n_layer: int, n_embd: int, n_head: int, n_
                        "train": data.token_hash(tokenized["train"]),
                        "validation": data.token_hash(tokenized["validation"])})
     path = cache_dir("lm") / key
-    if cached_only and not (usable_entry(path, "language model") and (path / "history.json").exists()):
-        return None, None
+    if cached_only:
+        if not (usable_entry(path, "language model") and (path / "history.json").exists()):
+            return None, None
+        return None, json.loads((path / "history.json").read_text())
     with entry_lock(path):      # a second process wanting this model waits for the first, then loads it
         if not (usable_entry(path, "language model") and (path / "history.json").exists()):
             model, history = _train(tokenized, tokenizer, config, resolve_device(device))
@@ -369,9 +372,9 @@ def _lm_kwargs(m: dict) -> dict:
 def _cached(cfg: dict) -> bool:
     """Whether :func:`subject_model` of ``cfg`` (a trained model) would load without training."""
     _, tokenizer, tokenized = prepare_data(cfg)
-    model, _ = train_lm(tokenized, tokenizer, **_lm_kwargs(cfg["lm"]), seed=cfg.get("seed", 0), device="cpu",
-                        cached_only=True)
-    return model is not None
+    _, history = train_lm(tokenized, tokenizer, **_lm_kwargs(cfg["lm"]), seed=cfg.get("seed", 0), device="cpu",
+                          cached_only=True)          # no weights loaded: subject_model loads them once, after
+    return history is not None
 
 
 def _train_one(cfg: dict) -> str:
