@@ -41,7 +41,6 @@ store and keeps its shard (a tensor/``.npy`` source reads only the shard's rows)
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import socket
 import time
@@ -420,49 +419,46 @@ def _loaded(sae, load):
 
 
 def _step(run, opt, x, lr, k_aux, aux_k_coef, dead, step):
-    """One optimisation step on this rank's rows ``x``; returns ``(out, stats)`` with the
-    global loss, its parts and the batch statistics (identical on every rank)."""
+    """One optimisation step on this rank's rows ``x``; returns ``(fired, loss, grad_norm,
+    stats)``: the latents that fired on any rank, the global loss and gradient norm, and the
+    batch statistics (identical on every rank), all tensors on the device (nothing is read
+    back to the host; :class:`saelib.train.StepLog` checks finiteness at log rows)."""
     sae, W = run.sae, run.W
     for group in opt.param_groups:
         group["lr"] = lr
     out = run.forward(x)
     with _loaded(sae, run.load):
-        loss, parts = sae.loss(x, out)
+        loss, parts = sae.loss(x, out, sync=False)
     if k_aux:
         aux = sae.auxk_loss(x, out, dead, k_aux)
         loss = loss + aux_k_coef * aux
-        parts["auxk"] = aux_k_coef * float(aux.detach())
+        parts["auxk"] = aux.detach().double() * aux_k_coef
     xr = x.reshape(-1, sae.d_in).double()
-    head = torch.tensor([float(loss.detach()), *parts.values(), out.l0], dtype=torch.float64, device=x.device)
+    head = torch.stack([loss.detach().double(), *(v.double() for v in parts.values()), out.l0_tensor.double()])
     packed = _all_reduce(torch.cat([head, xr.sum(0), xr.square().sum(0)]))
-    loss_, *vals = (packed[:len(head)] / W).tolist()
-    parts = dict(zip(parts, vals[:-1]))
-    if not math.isfinite(loss_):
-        raise FloatingPointError(f"fit: the loss is {loss_} at step {step} (parts: {parts}); "
-                                 "lower lr, use normalize='unit', or check the data for NaN/inf")
+    glob = packed[:len(head)] / W
+    loss_, l0 = glob[0], glob[-1]
+    parts = dict(zip(parts, glob[1:-1]))
     B = x.shape[0] * W
     mean, sq = packed[len(head):len(head) + sae.d_in] / B, packed[len(head) + sae.d_in:] / B
-    var = float((sq - mean.square()).clamp_min(0).sum())
+    var = (sq - mean.square()).clamp_min(0).sum()
     s2d = sae.norm_scaling_factor ** 2
     stats = {"loss": loss_, **parts, "mse": parts["recon"] / (s2d * sae.d_in),
-             "fvu": train.fvu_ratio(parts["recon"] / s2d, var, float(sq.sum())), "l0": vals[-1]}
+             "fvu": train.fvu_ratio_tensor(parts["recon"] / s2d, var, sq.sum()), "l0": l0}
     if run.load is not None:
-        stats["expert_load"] = run.load.double().cpu()
+        stats["expert_load"] = run.load.double()
     opt.zero_grad(set_to_none=True)
     (loss / W).backward()
     with kernels.section("optimizer"):
         run.sync_grads()
         run.decoder_owner.remove_parallel_grad_()
         total = run.grad_norm()
-        if not bool(torch.isfinite(total)):
-            raise FloatingPointError(f"fit: non-finite gradient at step {step}")
-        if float(1.0 / (total + 1e-6)) < 1.0:
-            torch.nn.utils.clip_grads_with_norm_(run.params, 1.0, total)
+        torch.nn.utils.clip_grads_with_norm_(run.params, 1.0, total)   # a factor of 1 changes nothing
         opt.step()
         run.decoder_owner.normalize_decoder_()
     fired = sae.fired(out).to(torch.uint8)
     _all_reduce(fired, dist.ReduceOp.MAX)
-    return fired.bool(), stats
+    return fired.bool(), loss_, total, stats
 
 
 # ---------------------------------------------------------------------------
@@ -503,60 +499,23 @@ def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None =
                          progress=progress, sample_size=sample_size)
         hist.attrs.update(world_size=1, traffic_per_step={}, seconds=time.perf_counter() - t0)
         return hist
-    # the settings check and record of train.fit, verbatim in effect
-    check_positive_int("steps", steps)
-    check_positive_int("sample_size", sample_size)
-    utils.check_choice("normalize", normalize, (None, "unit"))
-    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number or None, got {lr!r}")
-    log_every = max(1, steps // 50) if log_every is None else log_every
-    check_positive_int("log_every", log_every)
-    if isinstance(aux_k, bool):
-        k_aux = sae.d_in // 2 if aux_k else 0
-    else:
-        check_positive_int("aux_k", aux_k)
-        k_aux = int(aux_k)
-    dead_window = max(batch_size, min(10**6, steps * batch_size // 5)) if dead_window is None else dead_window
-    check_positive_int("dead_window", dead_window)
-    if checkpoint_every is not None:
-        check_positive_int("checkpoint_every", checkpoint_every)
-        if checkpoint_path is None:
-            raise ValueError("checkpoint_every needs checkpoint_path")
-    train._check_data(data, sae.d_in, batch_size)
+    lr, log_every, k_aux, dead_window, args = train.settings(
+        sae, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log_every=log_every, aux_k=aux_k,
+        aux_k_coef=aux_k_coef, normalize=normalize, dead_window=dead_window, checkpoint_path=checkpoint_path,
+        checkpoint_every=checkpoint_every, sample_size=sample_size)
     dev = utils.resolve_device(device)
-    lr = 2e-4 / math.sqrt(sae.n_latents / 2**14) if lr is None else float(lr)
-    arch = {k: v for k, v in sae.config.items() if k not in ("seed", "norm_scaling_factor")}
-    args = dict(sae=arch, steps=steps, batch_size=batch_size, lr=lr,
-                seed=seed, log_every=log_every, k_aux=k_aux, aux_k_coef=aux_k_coef, normalize=normalize,
-                dead_window=dead_window, sample_size=sample_size)
-
     sae.to(dev)
     since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=dev)
     history, acc, start, wall0 = [], {}, 0, 0.0
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    state = None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=dev, weights_only=False)
-        if state["args"] != args:
-            diff = {k: (state["args"].get(k), v) for k, v in args.items() if state["args"].get(k) != v}
-            raise ValueError(f"checkpoint_path={str(ckpt)!r} holds a run with other settings (saved, now): {diff}; "
-                             "pass another checkpoint_path or delete it")
+    state = train.resume(ckpt, args, dev)
+    if state is not None:
         sae.config.update(state["config"])
         sae.load_state_dict(state["model"])
         since_fired.copy_(state["since_fired"])
         history, acc, start, wall0 = state["history"], state["acc"], state["step"], state["wall_time"]
     else:
-        utils.set_seed(seed)
-        sample = train._sample(data, sample_size, seed).to(dev)
-        train._check_sample(sample, normalize)
-        if normalize == "unit":
-            sae.config["norm_scaling_factor"] = math.sqrt(sae.d_in / float(sample.double().pow(2).sum(1).mean()))
-        with torch.no_grad():
-            median = train.geometric_median(sample * sae.norm_scaling_factor)
-            sae.b_pre.copy_(median)
-            if hasattr(sae, "b_router"):
-                sae.b_router.copy_(median)
-            sae.normalize_decoder_()
+        train.init_run(sae, data, sample_size=sample_size, seed=seed, normalize=normalize, device=dev)
         with torch.no_grad():          # every rank starts from rank 0's weights (as DDP does)
             for t in [*sae.parameters(), *sae.buffers()]:
                 _count("broadcast", t.numel() * t.element_size() if rank == 0 else 0)
@@ -571,12 +530,15 @@ def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None =
             sae.eval()
             return _finish(history, args, W, {}, 0)
 
+    log = train.StepLog(dev, acc)
+
     def checkpoint(step, final=False):
+        log.check()                # a checkpoint never holds weights after a non-finite step
         run.gather_full()
         optim = run.full_optim_state(opt)
         if rank == 0:
             st = dict(args=args, config=sae.config, model=sae.state_dict(), optim=optim,
-                      since_fired=since_fired, history=history, acc=acc, step=step,
+                      since_fired=since_fired, history=history, acc=log.state(), step=step,
                       wall_time=wall0 + time.perf_counter() - t0)
             with atomic_path(ckpt) as tmp:
                 torch.save(st, tmp)
@@ -592,37 +554,22 @@ def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None =
     bar = utils.progress(range(start, steps), total=steps, initial=start, desc=f"fit {sae.kind} x{W}",
                          **({"disable": True} if not progress or rank else {}))
     t0 = time.perf_counter()
-    with count_traffic() as traffic:
+    with count_traffic() as traffic, log.first_error():
         for step in bar:
             if sae.kind == "batchtopk" and step == decay_start:
                 sae.reset_threshold_()
             x = next(stream)
             dead = since_fired >= dead_window
             cur_lr = train.lr_at(step, steps, lr)
-            fired, stats = _step(run, opt, x, cur_lr, k_aux, aux_k_coef, dead, step)
-            since_fired += batch_size
-            since_fired[fired] = 0
-            for key, val in stats.items():
-                acc[key] = acc.get(key, 0.0) + val
-            acc["_n"] = acc.get("_n", 0) + 1
+            fired, loss, grad_norm, stats = _step(run, opt, x, cur_lr, k_aux, aux_k_coef, dead, step)
+            since_fired.add_(batch_size).masked_fill_(fired, 0)
+            log.add(step, loss, grad_norm, stats)
             if (step + 1) % log_every == 0 or step + 1 == steps:
-                n = acc.pop("_n")
-                row = {"step": step + 1, "tokens": (step + 1) * batch_size}
-                for key, val in acc.items():
-                    row[key] = (val / n).tolist() if torch.is_tensor(val) else val / n
-                row["dead_frac"] = float((since_fired >= dead_window).double().mean())
-                row["lr"] = cur_lr
+                omega = None
                 if hasattr(sae, "omega"):
-                    om = run.loc.omega if run.ep else sae.omega
-                    om = torch.cat(_all_gather(om.detach())) if run.ep else om
-                    row["omega"] = om.detach().cpu().double().tolist()
-                if sae.kind == "batchtopk":
-                    row["threshold"] = sae.threshold
-                row["wall_time"] = wall0 + time.perf_counter() - t0
-                history.append(row)
-                acc = {}
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", fvu=f"{row['fvu']:.3f}")
+                    omega = torch.cat(_all_gather(run.loc.omega.detach())) if run.ep else sae.omega
+                history.append(train.log_row(log, sae, step, batch_size, cur_lr, since_fired, dead_window,
+                                             wall0 + time.perf_counter() - t0, bar, omega=omega))
             if ckpt is not None and checkpoint_every is not None and (step + 1) % checkpoint_every == 0 \
                     and step + 1 < steps:
                 with _not_counted():    # checkpoint gathers are not training traffic

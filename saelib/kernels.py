@@ -522,14 +522,16 @@ class ExpertTopKEncode(torch.autograd.Function):
     """Global TopK over the ``n_active`` selected experts, each expert run on its rows only."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_pre, expert_idx, k):
+    def forward(ctx, x, W_enc, b_enc, b_pre, expert_idx, k, presorted=None):
         E, m, d = W_enc.shape
         B, A = expert_idx.shape
         with section("encoder matmul"):
             b_enc = _fold_b_pre(W_enc.reshape(E * m, d), b_enc, b_pre)
         with section("dispatch"):
             flat = expert_idx.reshape(-1).long()                   # (row, slot) pairs
-            presorted = A == 1 and bool((flat[1:] >= flat[:-1]).all())
+            if presorted is None:                                  # a host read: callers that know say so
+                presorted = A == 1 and bool((flat[1:] >= flat[:-1]).all())
+            presorted = presorted and A == 1
             order = None if presorted else torch.argsort(flat, stable=True)   # pairs grouped by expert
             sizes = torch.bincount(flat, minlength=E).tolist()     # the host sync
             xs = x if presorted else x.index_select(0, order.div(A, rounding_mode="floor"))
@@ -564,7 +566,7 @@ class ExpertTopKEncode(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_vals, _grad_idx):
-        return (*_encoded_backward(ctx, grad_vals), None, None)
+        return (*_encoded_backward(ctx, grad_vals), None, None, None)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -655,16 +657,19 @@ def batch_topk_encode(x, W_enc, b_enc, k, b_pre=None, threshold=None, guess=None
     return vals, idx, None if threshold is not None else float(cut.detach())
 
 
-def expert_topk_encode(x, W_enc, expert_idx, k, b_enc=None, b_pre=None):
+def expert_topk_encode(x, W_enc, expert_idx, k, b_enc=None, b_pre=None, presorted: bool | None = None):
     """Switch SAE (Mudide et al., eq. 1-2; n_active=1) and Scale SAE (Xu et al., global
     TopK over the ``n_active`` selected experts) encoder. Rows are grouped by expert and
     each expert's ``[m, d]`` encoder runs on its own rows only; returns ReLU'd values and
     global latent ids ``e * m + j``, both [B, k]. ``W_enc`` [E, m, d] may be a non-leaf
     tensor (e.g. feature-scaled weights); its gradient comes back in its own shape. The
-    pre-activations are ``(x - b_pre) W_e^T + b_enc[e]`` (``b_enc`` [E*m], both optional)."""
+    pre-activations are ``(x - b_pre) W_e^T + b_enc[e]`` (``b_enc`` [E*m], both optional).
+    ``presorted``: True when the caller knows the rows are already grouped by expert
+    (``expert_idx`` [B, 1] non-decreasing, e.g. after the Switch forward's sort), False when
+    they are not; None checks (a host read of the device). A wrong True gives wrong codes."""
     E, m, _ = W_enc.shape
     _check_k(k, expert_idx.shape[1] * m, "n_active * experts' width")
-    return ExpertTopKEncode.apply(x, W_enc, b_enc, b_pre, expert_idx, k)
+    return ExpertTopKEncode.apply(x, W_enc, b_enc, b_pre, expert_idx, k, presorted)
 
 
 def sparse_decode(values, indices, W_dec):

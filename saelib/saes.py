@@ -98,15 +98,21 @@ class SAEOutput:
     coefficients and their latent ids (TopK kinds; ``w = k``, for batchtopk the widest
     row, the others padded with zero values); ``latents`` [B, n_latents] dense code (relu, gated); ``router_probs`` [B, n_experts] and ``expert_idx`` [B, n_active]
     (switch, scale); ``loss_terms``: tensors ``sae.loss`` needs (gate activations,
-    the router's choice, ...)."""
+    the router's choice, ...). ``l0_tensor`` is ``l0`` as a 0-dim float64 tensor on the
+    SAE's device (no host round trip: training reads it only at log rows)."""
     x_hat: torch.Tensor
-    l0: float
+    l0_tensor: torch.Tensor
     values: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     loss_terms: dict = field(default_factory=dict)
     router_probs: torch.Tensor | None = None
     expert_idx: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+
+    @property
+    def l0(self) -> float:
+        """Mean non-zero latents per row (reads ``l0_tensor`` from the device)."""
+        return float(self.l0_tensor)
 
 
 # ---------------------------------------------------------------------------
@@ -394,7 +400,8 @@ class SAE(nn.Module):
             w_sel = weight.index_select(0, rows).gather(1, eidx_s)
             v, idx = _weighted_topk(xs_s, W, eidx_s, w_sel, self.k, self.b_pre)
         else:                                                   # [scale] eq. 2.3-2.4
-            z, idx = kernels.expert_topk_encode(xs_s, W, eidx_s, self.k, b_pre=self.b_pre)
+            z, idx = kernels.expert_topk_encode(xs_s, W, eidx_s, self.k, b_pre=self.b_pre,
+                                                presorted=self.n_active == 1)   # sorted above
             if self.n_active == 1:                              # every latent of a row is its expert's
                 v = z * weight.index_select(0, rows).gather(1, eidx_s)
             else:                                               # p_i(x) of each latent's expert
@@ -414,8 +421,10 @@ class SAE(nn.Module):
         return z.scatter_add_(1, out.indices, out.values)
 
     # -- losses ------------------------------------------------------------
-    def loss(self, x: torch.Tensor, out: SAEOutput):
-        """``(total, parts)``: total differentiable loss and a dict of its summands as floats.
+    def loss(self, x: torch.Tensor, out: SAEOutput, *, sync: bool = True):
+        """``(total, parts)``: total differentiable loss and a dict of its summands as floats
+        (``sync=False``: as detached 0-dim tensors on the SAE's device, so the training step
+        makes no host round trip).
 
         ``recon`` = mean over rows of ``||x s - x_hat s||^2`` (in the normalised units the
         SAE trains in); ``l1`` (relu, gated); ``aux_recon`` (gated); ``lb`` =
@@ -440,13 +449,16 @@ class SAE(nn.Module):
             raw = self.config.get("balance_scale", "normalized") == "raw"   # files from before the option: normalized
             parts["lb"] = lb * (s * s) if raw and s != 1 else lb
         total = sum(parts.values())
+        if not sync:
+            return total, {key: val.detach() for key, val in parts.items()}
         return total, {key: float(val.detach()) for key, val in parts.items()}
 
     def expert_load(self, out: SAEOutput) -> torch.Tensor:
         """f_i: the fraction of (row, slot) router assignments that went to expert i
         ([switch] sec. 3.3 for one slot; sums to 1)."""
-        idx = out.expert_idx
-        return torch.bincount(idx.flatten(), minlength=self.n_experts).to(self.W_dec.dtype) / idx.numel()
+        idx = out.expert_idx.flatten()     # a scatter, not bincount: its size needs no host round trip on CUDA
+        counts = torch.zeros(self.n_experts, dtype=self.W_dec.dtype, device=idx.device)
+        return counts.index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype)) / idx.numel()
 
     def auxk_loss(self, x: torch.Tensor, out: SAEOutput, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
         """AuxK (Gao et al. app. B.1): the ``k_aux`` largest pre-activations among dead latents
@@ -520,12 +532,12 @@ class SAE(nn.Module):
     @torch.no_grad()
     def fired(self, out: SAEOutput) -> torch.Tensor:
         """Bool [n_latents]: latents with a non-zero activation somewhere in the batch."""
-        hit = torch.zeros(self.n_latents, dtype=torch.bool, device=self.W_dec.device)
-        if out.indices is not None:
-            hit[out.indices[out.values > 0]] = True
-        else:
-            hit |= (out.latents > 0).any(0)
-        return hit
+        if out.latents is not None:
+            return (out.latents > 0).any(0)
+        # a scatter-max of (value > 0) over the latent ids: fixed-size, no host round trip
+        hit = torch.zeros(self.n_latents, dtype=torch.uint8, device=self.W_dec.device)
+        pos = (out.values > 0).to(torch.uint8).flatten()
+        return hit.scatter_reduce_(0, out.indices.flatten(), pos, reduce="amax").bool()
 
     # -- cost ----------------------------------------------------------------
     def flops_per_token(self, breakdown: bool = False):
@@ -563,8 +575,12 @@ class SAE(nn.Module):
         return ", ".join(f"{key}={c[key]}" for key in keys if c.get(key) is not None)
 
 
-def _l0(acts: torch.Tensor) -> float:
-    return float(torch.count_nonzero(acts > 0)) / acts.shape[0] if acts.numel() else 0.0
+def _l0(acts: torch.Tensor) -> torch.Tensor:
+    """Mean count of positive entries per row of ``acts`` [B, w], a 0-dim float64 tensor on
+    ``acts``' device (0 for an empty batch); no host round trip."""
+    if not acts.numel():
+        return torch.zeros((), dtype=torch.float64, device=acts.device)
+    return torch.count_nonzero(acts > 0).double() / acts.shape[0]
 
 
 class _MeanSqErr(torch.autograd.Function):

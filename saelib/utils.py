@@ -453,3 +453,45 @@ def check_choice(name: str, value, allowed) -> None:
 def check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def prefetch(iterable, depth: int = 2):
+    """Iterate ``iterable`` in a background thread, up to ``depth`` items ahead (same items,
+    same order). An exception of the producer is raised at the consumer's next ``next()``;
+    closing the generator stops the thread at its next item. Used to overlap a CUDA step
+    with the gather and copy of the next batches (the gather releases the GIL)."""
+    import queue
+    import threading
+
+    check_positive_int("depth", depth)
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as e:     # handed to the consumer
+            q.put((done, e))
+
+    thread = threading.Thread(target=produce, name="saelib-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()

@@ -207,10 +207,16 @@ def host_syncs(kind, device="cpu", steps=(2, 4), batch_size=64):
 
 
 # Per-step host syncs of train.fit (AuxK off, data a tensor), counted by host_syncs on
-# the CPU (the CUDA count adds the batch's host-to-device copy when the data is on the
-# CPU). Lower is better: lower these when a round trip goes away; raise one only for a
-# round trip the step cannot do without, and say why in the commit.
-SYNC_BUDGET = {"topk": 9, "batchtopk": 18, "switch": 16, "scale": 15, "relu": 9, "gated": 10}
+# the CPU (a CUDA run is allowed one more, for the batch's host-to-device copy should the
+# recorder see it; the copy is from pinned memory and does not block). Lower is better:
+# lower these when a round trip goes away; raise one only for a round trip the step cannot
+# do without, and say why in the commit. What remains is what the layout needs:
+# switch/scale read the number of rows per expert (the grouped matmuls run one expert's
+# block of rows at a time, sizes known to the host; one bincount + tolist); batchtopk's
+# selection keeps a data-dependent number of entries per batch (nonzero, the kB-th value,
+# the widest row). topk, relu and gated: none (loss, statistics and the non-finite check
+# stay on the device and are read once per log row).
+SYNC_BUDGET = {"topk": 0, "batchtopk": 9, "switch": 2, "scale": 2, "relu": 0, "gated": 0}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -223,4 +229,18 @@ def test_host_syncs_per_step_stay_within_budget(kind, device):
     print(f"\n{kind} on {device}: {total:g} host syncs per training step\n{table}")
     budget = SYNC_BUDGET[kind] + (1 if device == "cuda" else 0)
     assert total <= budget, f"{kind}: {total:g} host syncs per step > budget {budget}:\n{table}"
-    assert total > 0                           # the recorder sees the step (the loss is read every step)
+
+
+def test_host_syncs_sees_a_per_step_read(monkeypatch):
+    """The recorder is not blind: a loss read into Python every step (what the step did
+    before it kept its statistics on the device) is counted once per step, at its line."""
+    step = train._train_step
+
+    def reading_step(*a, **kw):
+        out, loss, total, parts = step(*a, **kw)
+        float(loss)
+        return out, loss, total, parts
+
+    monkeypatch.setattr(train, "_train_step", reading_step)
+    per = host_syncs("topk", "cpu")
+    assert sum(per.values()) == 1, per

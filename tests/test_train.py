@@ -268,6 +268,56 @@ def test_nan_stops_training_naming_the_step():
         train.fit(small("relu"), bad, steps=5, batch_size=128, progress=False)
 
 
+def test_nonfinite_gradient_is_named_and_never_checkpointed(tmp_path, monkeypatch):
+    """The step reads nothing back to the host, so a non-finite value is found at the next
+    log row or checkpoint: the error still names the first bad step, and no checkpoint holds
+    weights updated after it."""
+    norm = train.clip_grad_norm_
+    calls = []
+
+    def bad_from_step_5(params, max_norm=1.0):
+        calls.append(1)
+        if len(calls) > 5:
+            params[0].grad.fill_(float("nan"))
+        return norm(params, max_norm)
+
+    monkeypatch.setattr(train, "clip_grad_norm_", bad_from_step_5)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(FloatingPointError, match="non-finite gradient at step 5"):
+        train.fit(small("topk"), gauss(), steps=40, batch_size=128, log_every=20, checkpoint_path=ckpt,
+                  checkpoint_every=4, progress=False)
+    assert torch.load(ckpt, weights_only=False)["step"] == 4     # the checkpoint at step 8 was refused
+
+
+def test_step_log_reads_the_device_once_per_row():
+    log = train.StepLog("cpu")
+    for step, (loss, load) in enumerate([(1.0, [0.25, 0.75]), (3.0, [0.75, 0.25])]):
+        log.add(step, torch.tensor(loss), torch.tensor(0.5), {"loss": torch.tensor(loss, dtype=torch.float32),
+                                                             "expert_load": torch.tensor(load)})
+    assert log.means({"dead_frac": torch.tensor(0.5)}) == {"loss": 2.0, "expert_load": [0.5, 0.5], "dead_frac": 0.5}
+    log.add(2, torch.tensor(float("inf")), torch.tensor(float("nan")), {"loss": torch.tensor(1.0)})
+    log.add(3, torch.tensor(1.0), torch.tensor(float("nan")), {"loss": torch.tensor(1.0)})
+    with pytest.raises(FloatingPointError, match="loss is not finite .* at step 2"):
+        log.check()
+
+
+def test_prefetch_keeps_order_and_raises_the_producers_error():
+    from saelib import utils
+
+    assert list(utils.prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise KeyError("the producer failed")
+
+    it = utils.prefetch(broken())
+    assert next(it) == 1
+    with pytest.raises(KeyError, match="producer failed"):
+        next(it)
+    with pytest.raises(ValueError, match="depth"):
+        next(utils.prefetch(iter([1]), depth=0))
+
+
 @pytest.mark.parametrize("kind,store", [("scale", False), ("batchtopk", True)])
 def test_checkpoint_resume_matches_uninterrupted_run(kind, store, tmp_path, monkeypatch):
     x = gauss()
