@@ -167,6 +167,31 @@ def pays_from_batch(n_gpus: int, d_in: int = 768, n_latents: int = 24576, k: int
     return _crossing(ae, ce, a1, c1)
 
 
+def paper_shape(profile: str = "paper") -> tuple[dict, int]:
+    """``(shape, batch_size)`` of the Switch SAE at the paper's settings, read from the
+    ``profile`` (default ``paper``: GPT-2 small, d = 768, ``frontier.width`` x d latents in
+    ``geometry.n_experts`` experts, ``scaling.k``, batch 8192, [switch] sec. 4); ``shape``
+    holds :func:`cost_model`'s keyword arguments (``d_in``, ``n_latents``, ``k``,
+    ``n_experts``, ``kind``). Chapters 01 and 05 model the multi-GPU claim at this shape."""
+    from . import config
+
+    pp = config.load_profile(profile)
+    c1 = pp["chapter01"]
+    shape = dict(d_in=pp["lm"]["n_embd"], n_latents=c1["frontier"]["width"] * pp["lm"]["n_embd"],
+                 k=c1["scaling"]["k"], n_experts=c1["geometry"]["n_experts"], kind="switch")
+    return shape, int(c1["batch_size"])
+
+
+def modelled_speedup(n_gpus: int, bandwidth_bytes_per_s: float = 100e9, profile: str = "paper", **kw) -> float:
+    """Expert-parallel speed-up over one device of the paper-shaped Switch SAE
+    (:func:`paper_shape`) on ``n_gpus`` devices under :func:`cost_model` (default: NVLink-class
+    100 GB/s, 50 TFLOP/s sustained per device, both assumptions). ``kw`` go to
+    :func:`cost_model` (``flops_per_s``, ``latency_s``, ``balance``)."""
+    shape, batch = paper_shape(profile)
+    df = cost_model(n_gpus, **shape, batch_size=batch, bandwidth_bytes_per_s=bandwidth_bytes_per_s, **kw)
+    return float(df.set_index("mode").loc["expert parallel", "speedup"])
+
+
 # ---------------------------------------------------------------------------
 # measured on this machine
 # ---------------------------------------------------------------------------

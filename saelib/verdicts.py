@@ -212,6 +212,19 @@ def not_testable(why: str) -> Verdict:
     return Verdict("not testable here", why)
 
 
+def multi_gpu_speedup(modelled: float, n_gpus: int, measured: str | None = None, bound: float = 2.0) -> Verdict:
+    """[switch] sec. 5, "each expert can be placed on a separate GPU, leading to significant
+    wall clock training speed ups", judged on a *modelled* expert-parallel speed-up over one
+    GPU (``modelled`` on ``n_gpus`` devices, :func:`saelib.parallel_cost.modelled_speedup`):
+    "significant" read as ``>= bound`` (default 2x); capped at "partly" because the GPU
+    numbers are assumptions, not measurements. ``measured``: what this machine measured
+    (e.g. the 2-process CPU speed-up), appended to the rule. Chapters 01 and 05 both use it."""
+    v = threshold(modelled, ">=", bound, what=f"modelled: {n_gpus} GPUs (NVLink-class), the paper's shape and batch, "
+                                             "expert-parallel speed-up over 1 GPU")
+    reason = "modelled from assumed GPU numbers, not measured (no GPU here)"
+    return cap(v, reason + (f"; {measured}" if measured else ""))
+
+
 def mean_ci(values, level: float = 0.95) -> tuple[float, tuple[float, float]]:
     """Mean of ``values`` (NaN dropped) and its normal-approximation interval
     ``mean +- z * sd / sqrt(n)`` (``sd`` with ``ddof=1``), e.g. a per-feature true

@@ -329,3 +329,13 @@ def test_expert_parallel_refuses_the_official_topk_order():
     with pytest.raises(ValueError, match="weight_before_topk"):
         distributed.check_expert_parallel(cfg, 2)
     distributed.check_expert_parallel(saes.build("scale", d_in=4, n_latents=8, k=2, n_experts=2).config, 2)
+
+
+def test_paper_shape_and_modelled_speedup():
+    from saelib import parallel_cost
+
+    shape, batch = parallel_cost.paper_shape()
+    assert (shape["d_in"], shape["n_latents"], shape["n_experts"], batch) == (768, 24576, 16, 8192)
+    fast, slow = parallel_cost.modelled_speedup(8), parallel_cost.modelled_speedup(8, bandwidth_bytes_per_s=1e9)
+    assert fast > slow > 0                       # a slower link models a smaller speed-up
+    assert parallel_cost.modelled_speedup(1) == 1.0

@@ -100,3 +100,10 @@ def test_mean_ci_and_noise_floor_hand_cases():
     assert math.isnan(V.noise_floor([[1], [2]]))
     with pytest.raises(ValueError, match="level"):
         V.mean_ci([1, 2], level=95)
+
+
+def test_multi_gpu_speedup_is_capped_and_prints_its_rule():
+    v = V.multi_gpu_speedup(2.5, 8, measured="2 CPU processes ran 0.6x")
+    assert v.verdict == "partly" and ">= 2" in v.rule and "8 GPUs" in v.rule and "0.6x" in v.rule
+    assert V.multi_gpu_speedup(1.5, 8).verdict == "not reproduced"
+    assert V.multi_gpu_speedup(float("nan"), 8).verdict == "not testable here"
