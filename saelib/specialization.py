@@ -6,7 +6,7 @@ chapter re-runs its sections 3.1-3.4 and appendices A-D; the generic metrics (A.
 similarity, overlap histograms, expert counts, duplicate fraction, intra/inter-expert
 redundancy) are in :mod:`saelib.metrics`; this module holds what only the chapter needs:
 
-* **Domains** (:func:`split_by_domain`, :func:`collect_capped`): the tokenized
+* **Domains** (:func:`split_by_domain`, :func:`collect_capped`, :func:`training_data`): the tokenized
   ``DatasetDict`` carries the minipile domain of every packed row (column ``domain``),
   so the SAEs can train on two domains and be evaluated on the third, in the role
   [scale] sec. 3.1 gives to HLE-Biomedical.
@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .utils import check_positive_int
+from .utils import check_choice, check_positive_int
 
 WORD_RE = re.compile(r"[A-Za-z]+")
 
@@ -79,6 +79,33 @@ def collect_capped(model, tokens: torch.Tensor, site: str, n_tokens: int, **kw):
     if n < 1:
         raise ValueError("tokens hold no position to collect (every row is BOS only)")
     return collect(model, tokens, site, n, **kw)
+
+
+def training_data(cfg: dict, model, tokens: torch.Tensor, site: str | None = None, **kw):
+    """The SAE training activations over ``tokens`` (the training domains' rows) as the
+    profile's ``activations.mode`` says:
+
+    * ``"store"`` (quick / full): :func:`collect_capped` of ``activations.n_tokens`` rows,
+      an on-disk store, exactly as chapter 02 always collected it (same store, same key,
+      so the SAE cache entries keyed by it stay valid);
+    * ``"stream"`` (paper: 820M tokens, a 1.26 TB store): :func:`saelib.activations.source`,
+      an :class:`saelib.stream.ActivationStream` that runs ``model`` while the SAEs train and
+      writes nothing to disk. It follows the profile like chapter 01's source:
+      ``activations.buffer_tokens``, and ``activations.allow_repeat`` (false: tokens short of
+      ``n_tokens`` raise a ValueError before any model runs, rather than the silent cap of
+      the store, which repeats rows in training).
+
+    ``site``: default the profile's; ``kw`` (e.g. ``dtype``, ``device``) goes to the
+    collector / the stream."""
+    from .activations import MODES, activation_site, source
+
+    acts = cfg.get("activations") or {}
+    mode = acts.get("mode", "store")
+    check_choice("activations.mode", mode, MODES)
+    site = site or activation_site(cfg)
+    if mode == "store":
+        return collect_capped(model, tokens, site, int(acts["n_tokens"]), **kw)
+    return source(cfg, model, tokens, site=site, **kw)
 
 
 # ---------------------------------------------------------------------------

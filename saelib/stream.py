@@ -25,11 +25,17 @@ sequences; memory is ``buffer_tokens * d * itemsize(dtype)`` bytes on the device
 The duck-typed interface of the store (``batches``, ``sample``, ``len``, ``d``,
 ``meta["key"]``) makes :func:`saelib.train.fit` and :func:`saelib.sweep.sweep`
 accept a stream unchanged.
+
+Nothing of a stream is written to disk, also not when :func:`saelib.sweep.sweep` trains
+SAEs on it in worker processes: :meth:`ActivationStream.portable` hands a worker the model
+by its name (a saved folder or hub name, when that loads the same weights) or else through
+shared memory, the tokens as the memory-mapped ``datasets`` split they came from or through
+shared memory, and the plan of rows, so each worker rebuilds the stream without a copy.
 """
 from __future__ import annotations
 
 import hashlib
-import json
+import mmap
 import weakref
 from pathlib import Path
 
@@ -37,12 +43,11 @@ import numpy as np
 import torch
 
 from .activations import STORE_VERSION, keep_mask, model_hash, plan_rows, resolve_site, run_to_site
-from .utils import (atomic_path, cache_dir, check_choice, check_positive_int, config_hash, entry_lock, resolve_device,
-                    usable_entry)
+from .utils import check_choice, check_positive_int, config_hash, resolve_device
 
 STREAM_DTYPES = ("float32", "float16", "bfloat16")
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_LIVE: dict[str, weakref.ref] = {}        # key -> stream of this process (a reopen by path reuses its model)
+_LIVE: dict[str, weakref.ref] = {}        # key -> stream of this process (from_portable here returns it)
 
 
 class _Rows:
@@ -56,6 +61,7 @@ class _Rows:
                 raise ValueError(f"tokens must be 2-D [n_seq, n_ctx], got shape {tuple(tokens.shape)}")
             self.n, self.n_ctx = int(tokens.shape[0]), int(tokens.shape[1])
         else:
+            self._ds = tokens
             self._arr, self._col = None, tokens.with_format("arrow")["input_ids"]
             self.n = len(self._col)
             first = self._col.slice(0, 1).to_pylist() if self.n else [[]]
@@ -63,6 +69,21 @@ class _Rows:
 
     def __len__(self):
         return self.n
+
+    def portable(self, n_seq: int):
+        """A picklable reference to the first ``n_seq`` rows that copies nothing to disk:
+        a ``datasets`` split itself (it pickles as the paths of its memory-mapped arrow files),
+        a ``np.memmap`` as ``(file, dtype, shape, offset, order)``, a tensor / array as a copy
+        of those rows in the smallest integer dtype that holds them (:func:`_narrow_int`),
+        pickled through shared memory by torch's multiprocessing pickler."""
+        if self._col is not None:
+            return ("dataset", self._ds)
+        a = self._arr
+        if (isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.filename is not None
+                and (a.flags.c_contiguous or a.flags.f_contiguous)):   # the mapping itself, not a view of it
+            return ("memmap", a.filename, a.dtype.str, a.shape, int(a.offset), "C" if a.flags.c_contiguous else "F")
+        part = a[:n_seq].detach().cpu() if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a[:n_seq]))
+        return ("tensor", part.to(_narrow_int(part)).contiguous())
 
     def take(self, idx) -> torch.Tensor:
         """Rows ``idx`` (a slice or an int array) as an int64 CPU tensor [len(idx), n_ctx]."""
@@ -77,6 +98,19 @@ class _Rows:
             part = part.combine_chunks()
         flat = part.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
         return torch.from_numpy(flat.reshape(-1, self.n_ctx))
+
+
+def _narrow_int(t: torch.Tensor) -> torch.dtype:
+    """The smallest integer dtype that holds the values of ``t`` (token ids: uint16 for GPT-2's
+    50257, a quarter of int64)."""
+    if t.numel() == 0 or t.is_floating_point():
+        return t.dtype
+    lo, hi = int(t.min()), int(t.max())
+    for dt in (torch.uint8, torch.uint16, torch.int32):
+        info = torch.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return dt
+    return torch.int64
 
 
 def _seed(*parts: int) -> int:
@@ -102,16 +136,17 @@ class ActivationStream:
     * ``model_batch_size``: sequences per forward pass (memory of one forward; does not
       change the rows or their order).
 
-    Also ``ActivationStream(path)``: reopen a stream from the folder its :attr:`path` wrote
-    (what :func:`saelib.sweep.sweep` does in worker processes). Raises ValueError for bad
-    arguments, a bad site or too few tokens, before any model runs."""
+    Another process gets the stream from :meth:`portable` (what :func:`saelib.sweep.sweep`
+    sends its workers; nothing is written to disk). Raises ValueError for bad arguments, a
+    bad site or too few tokens, before any model runs."""
 
     def __init__(self, model, tokens=None, site: str | None = None, n_tokens: int | None = None, *,
                  buffer_tokens: int = 2**18, dtype: str = "float32", device="auto", skip_bos: bool = True,
-                 model_batch_size: int = 32, allow_repeat: bool = False, ram_limit_bytes=None):
-        if isinstance(model, (str, Path)):   # reopen; ram_limit_bytes is what sweep passes to a store: unused
-            self._reopen(Path(model), device)
-            return
+                 model_batch_size: int = 32, allow_repeat: bool = False):
+        if isinstance(model, (str, Path)):
+            raise ValueError(f"ActivationStream({str(model)!r}): a stream is not reopened from a folder any more "
+                             "(nothing is written to disk); pass the model and tokens, or hand it to another "
+                             "process with stream.portable()")
         if tokens is None or site is None or n_tokens is None:
             raise ValueError("ActivationStream(model, tokens, site, n_tokens, ...) needs tokens, site and n_tokens")
         check_positive_int("n_tokens", n_tokens)
@@ -125,6 +160,7 @@ class ActivationStream:
         self._source = _Rows(tokens)
         bos = getattr(getattr(model, "config", None), "bos_token_id", None)
         self._bos = bos
+        self._model_hash, self._model_ref, self._tokens_ref = model_hash(model), None, None
         counts, h = [], hashlib.sha256()
         step = 4096
         for i in range(0, len(self._source), step):        # kept positions per sequence, in slices
@@ -138,7 +174,7 @@ class ActivationStream:
         before = counts.cumsum(0) - counts
         self._used = (self.n - before).clamp(0).minimum(counts)   # rows taken from each sequence
         self._start = before.clamp(max=self.n)                     # store-order index of its first row
-        self.meta = {"key": config_hash({"model": model_hash(model), "tokens": h.hexdigest(), "site": site,
+        self.meta = {"key": config_hash({"model": self._model_hash, "tokens": h.hexdigest(), "site": site,
                                          "n_tokens": n_tokens, "dtype": dtype, "skip_bos": skip_bos,
                                          "buffer_tokens": self.buffer_tokens, "mode": "stream",
                                          "v": STORE_VERSION}),
@@ -146,7 +182,7 @@ class ActivationStream:
                      "skip_bos": skip_bos, "n_seq": self.n_seq, "n_ctx": self._source.n_ctx,
                      "buffer_tokens": self.buffer_tokens, "mode": "stream",
                      "model": getattr(model, "name_or_path", "") or type(model).__name__, "version": STORE_VERSION}
-        self._d, self._path, self.peak_buffer_rows = None, None, 0
+        self._d, self.peak_buffer_rows = None, 0
         _LIVE[self.meta["key"]] = weakref.ref(self)
 
     # ------------------------------------------------------------------ interface of a store
@@ -288,43 +324,81 @@ class ActivationStream:
             out[torch.from_numpy(sel)] = a[r, pos]
         return (out, torch.from_numpy(idx)) if return_index else out
 
-    # ------------------------------------------------------------------ reopening in another process
-    @property
-    def path(self) -> Path:
-        """A cache folder (``cache_dir("streams")/<key>``) holding what another process needs
-        to rebuild this stream: the pickled model (``model.pt``), the ``n_seq`` token rows
-        (``tokens.npy``) and ``spec.json``. Written on first access (atomically); it is how
-        :func:`saelib.sweep.sweep` hands the stream to its worker processes."""
-        if self._path is None:
-            path = cache_dir("streams") / self.meta["key"]
-            with entry_lock(path):
-                if not usable_entry(path, "activation stream"):
-                    with atomic_path(path) as tmp:
-                        tmp.mkdir()
-                        torch.save(self.model, tmp / "model.pt")
-                        out = np.lib.format.open_memmap(tmp / "tokens.npy", "w+", np.int64,
-                                                        (self.n_seq, self._source.n_ctx))
-                        for i in range(0, self.n_seq, 4096):      # in slices: never the whole corpus in RAM
-                            out[i:i + 4096] = self._source.take(slice(i, min(i + 4096, self.n_seq))).numpy()
-                        out.flush()
-                        del out
-                        spec = dict(site=self.site, n_tokens=self.meta["n_tokens_requested"],
-                                    buffer_tokens=self.buffer_tokens, dtype=self.dtype, skip_bos=self.skip_bos,
-                                    model_batch_size=self.model_batch_size, allow_repeat=True)
-                        (tmp / "spec.json").write_text(json.dumps({"spec": spec, "meta": self.meta}, indent=1))
-            self._path = path
-        return self._path
+    # ------------------------------------------------------------------ handing the stream to another process
+    def portable(self):
+        """``(opener, state)``: what a worker process needs to rebuild this stream,
+        ``opener(state)`` (:meth:`from_portable`), picklable, with nothing written to disk.
+        :func:`saelib.sweep.sweep` sends it to its worker processes.
 
-    def _reopen(self, path: Path, device):
-        spec = json.loads((path / "spec.json").read_text())
-        key = spec["meta"]["key"]
-        live = _LIVE.get(key, lambda: None)()
-        if live is not None:                              # same process: share the model, no reload
-            self.__dict__.update(live.__dict__)
-            return
-        model = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
-        tokens = np.load(path / "tokens.npy", mmap_mode="r")
-        self.__init__(model, tokens, device=device, **spec["spec"])
-        if self.meta["key"] != key:
-            raise ValueError(f"activation stream {path}: rebuilt key {self.meta['key']} != saved {key}")
-        self._path = path
+        * The model travels by name when it has one (``name_or_path``: a saved model folder
+          such as the subject model's cache entry, or a hub name) and loading that name gives
+          the same weights (checked once here by :func:`saelib.activations.model_hash`, and
+          again in the worker); otherwise the module itself is pickled, its tensors through
+          shared memory (torch's multiprocessing pickler: no copy on disk, none per worker).
+        * The tokens travel as they came: a tokenized ``datasets`` split by its memory-mapped
+          arrow files, a ``np.memmap`` by its file name, a tensor / array as a copy of only the
+          ``n_seq`` rows the stream reads, in the smallest integer dtype that holds them (uint16
+          for GPT-2's vocabulary: 1.6 GB for the paper's 820M tokens, made once per stream),
+          through shared memory (``/dev/shm``, RAM).
+        * The plan (rows per sequence, the key, the site's width) is sent, not recomputed, so a
+          worker does not rescan the corpus. In this process :meth:`from_portable` returns
+          this very stream."""
+        if self._model_ref is None:          # once per stream: every sweep reuses the same references
+            self._model_ref = _model_ref(self.model, self._model_hash)
+            self._tokens_ref = self._source.portable(self.n_seq)
+        state = {k: getattr(self, k) for k in _STATE}
+        state.update(model=self._model_ref, tokens=self._tokens_ref)
+        return ActivationStream.from_portable, state
+
+    @classmethod
+    def from_portable(cls, state: dict) -> ActivationStream:
+        """The stream :meth:`portable` describes (the live one when it exists in this process)."""
+        live = _LIVE.get(state["meta"]["key"], lambda: None)()
+        if live is not None:
+            return live
+        kind, ref = state["model"][0], state["model"][1]
+        if kind == "name":
+            model = _load_named(ref)
+            if model_hash(model) != state["model"][2]:
+                raise ValueError(f"activation stream: the model {ref!r} loaded in this process has other weights "
+                                 f"than the stream's model (hash {state['model'][2]})")
+        else:
+            model = ref
+        self = cls.__new__(cls)
+        self.__dict__.update({k: state[k] for k in _STATE})
+        self.model, self._source = model, _Rows(_open_tokens(state["tokens"]))
+        self._model_hash = state["model"][2]
+        self._model_ref, self._tokens_ref, self.peak_buffer_rows = state["model"], state["tokens"], 0
+        _LIVE[self.meta["key"]] = weakref.ref(self)
+        return self
+
+
+_STATE = ("site", "dtype", "skip_bos", "buffer_tokens", "model_batch_size", "device", "_bos", "n_seq", "n",
+          "_used", "_start", "meta", "_d")
+
+
+def _load_named(name):
+    from .lm import load_model
+
+    return load_model(name, "cpu")
+
+
+def _model_ref(model, digest: str):
+    """``("name", name_or_path, hash)`` when loading that name gives weights of hash ``digest``,
+    else ``("module", model, hash)`` (pickled; its tensors go through shared memory)."""
+    name = str(getattr(model, "name_or_path", "") or "")
+    if name:
+        try:
+            if model_hash(_load_named(name)) == digest:
+                return ("name", name, digest)
+        except (OSError, ValueError, RuntimeError):   # not loadable here (offline hub, a removed folder)
+            pass
+    return ("module", model, digest)
+
+
+def _open_tokens(ref):
+    kind = ref[0]
+    if kind == "memmap":
+        _, file, dtype, shape, offset, order = ref
+        return np.memmap(file, dtype=np.dtype(dtype), mode="r", shape=tuple(shape), offset=offset, order=order)
+    return ref[1]

@@ -290,23 +290,37 @@ def _load(path: Path, name: str | None) -> Run:
                path, True, info)
 
 
-def _portable(data):
+def _portable(data, workers: int = 2):
     """What a worker process needs to open ``data``: a tensor as is (it travels through
     shared memory), an activation store as its class, folder and RAM limit (a memmap must
-    not be pickled by value)."""
+    not be pickled by value), a source with a ``portable()`` hook (an activation stream,
+    :meth:`saelib.stream.ActivationStream.portable`) as the ``(opener, state)`` it returns,
+    nothing written to disk; with one worker (no process spawned) the source itself."""
     if torch.is_tensor(data) or isinstance(data, np.ndarray):
         return ("tensor", torch.as_tensor(data))
+    hook = getattr(data, "portable", None)
+    if callable(hook):
+        return ("object", data) if workers == 1 else ("portable", *hook())
     path = getattr(data, "path", None)
     if path is None:
-        raise ValueError(f"data must be a tensor [n, d_in] or an ActivationStore, got {type(data).__name__}")
+        raise ValueError(f"data must be a tensor [n, d_in], an ActivationStore or an ActivationStream, "
+                         f"got {type(data).__name__}")
     return ("store", type(data), str(path), getattr(data, "ram_limit_bytes", 2**30))
+
+
+def _open(ref):
+    """The data of a :func:`_portable` reference."""
+    if ref[0] in ("tensor", "object"):
+        return ref[1]
+    if ref[0] == "portable":
+        return ref[1](ref[2])
+    return ref[1](ref[2], ram_limit_bytes=ref[3])
 
 
 def _train_job(job) -> str:
     """Worker side of :func:`sweep`: open the data, train one spec into the cache, return its folder."""
     ref, kind, kw = job
-    data = ref[1] if ref[0] == "tensor" else ref[1](ref[2], ram_limit_bytes=ref[3])
-    return str(train_sae(data, kind, **kw).path)
+    return str(train_sae(_open(ref), kind, **kw).path)
 
 
 def sweep(data, specs: list[dict], *, steps: int, batch_size: int, seed: int = 0, lr: float | None = None,
@@ -346,7 +360,7 @@ def sweep(data, specs: list[dict], *, steps: int, batch_size: int, seed: int = 0
         if not (usable_entry(path, "SAE") and (path / RUN_FILE).exists()) and path not in todo:
             todo[path] = (kind, kw, label)
     if todo:
-        ref = _portable(data)
+        ref = _portable(data, workers)
         jobs = [(ref, kind, kw) for kind, kw, _ in todo.values()]
         pool.map_processes(_train_job, jobs, workers=workers, threads=threads,
                            labels=[lab for _, _, lab in todo.values()], desc=desc, unit="sae")

@@ -162,3 +162,73 @@ def test_feature_label_from_top_tokens():
 def test_evaluate_domains_needs_a_set():
     with pytest.raises(ValueError, match="at least one"):
         S.evaluate_domains([], {})
+
+
+# ---------------------------------------------------------------------------
+# chapter 02's training data: a store, or (paper profile) a stream that writes nothing
+# ---------------------------------------------------------------------------
+SITE = "blocks.1.resid_post"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A 2-layer GPT-2 stand-in for the subject model and its training-domain token rows."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_positions=12, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    tok = torch.randint(1, 50, (30, 12), generator=torch.Generator().manual_seed(0))
+    tok[:, 0] = 0
+    return GPT2LMHeadModel(cfg).eval(), tok
+
+
+def _chapter02_line():
+    """The notebook's line that makes chapter 02's SAE training data (same in the book's copy)."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for nb in ("notebooks/02_scale_sae.ipynb", "book/chapters/02_scale_sae.ipynb"):
+        cells = json.loads((root / nb).read_text(encoding="utf-8"))["cells"]
+        found.append([ln for c in cells if c["cell_type"] == "code" for ln in c["source"] if ln.startswith("store = ")])
+    assert len(found[0]) == 1 and found[0] == found[1]
+    return found[0][0]
+
+
+def _run_line(cfg, model, tok):
+    ns = {"S": S, "cfg": cfg, "sm": SimpleNamespace(model=model), "tr_tok": tok, "site": cfg["site"],
+          "col": {"dtype": cfg["activations"]["dtype"], "device": "cpu"}}
+    exec(_chapter02_line(), ns)                                      # noqa: S102 (the notebook's own line)
+    return ns["store"]
+
+
+def test_chapter02_training_data_store_mode_is_the_capped_store(tiny_lm, tmp_cache):
+    from saelib import activations, config, sweep
+
+    model, tok = tiny_lm
+    for n in (200, 10_000):                                          # 10k > the 330 kept positions: capped
+        cfg = config.load_profile("quick", {"site": SITE, "activations": {"n_tokens": n}})
+        old = S.collect_capped(model, tok, SITE, n, dtype="float32", device="cpu")   # what chapter 02 did
+        got = _run_line(cfg, model, tok)
+        assert isinstance(got, activations.ActivationStore) and got.path == old.path
+        assert sweep.data_key(got) == sweep.data_key(old) and got.ram_limit_bytes == old.ram_limit_bytes
+        assert len(got) == min(n, S.kept_positions(tok, 0))
+
+
+def test_chapter02_training_data_paper_stream_mode_writes_no_store(tiny_lm, tmp_cache):
+    from saelib import activations, config, stream
+
+    model, tok = tiny_lm
+    over = {"site": SITE, "device": "cpu", "activations": {"n_tokens": 200, "buffer_tokens": 64}}
+    cfg = config.load_profile("paper", over)                        # activations.mode: stream, float16
+    assert cfg["activations"]["mode"] == "stream"
+    got = _run_line(cfg, model, tok)
+    assert isinstance(got, stream.ActivationStream) and len(got) == 200 and got.buffer_tokens == 64
+    rows = torch.cat(list(got.batches(50, shuffle=False, drop_last=False)))
+    assert not tmp_cache.exists() or not any(tmp_cache.rglob("*.npy"))    # no store anywhere in the cache
+    ref = activations.collect(model, tok, SITE, 200, dtype="float16")  # the rows a store would hold
+    torch.testing.assert_close(rows, ref.tensor(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="n_tokens=10000"):         # allow_repeat: false, no silent cap
+        S.training_data(config.load_profile("paper", {**over, "activations": {"n_tokens": 10_000}}), model, tok)

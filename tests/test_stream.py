@@ -1,5 +1,8 @@
 """saelib.stream: activations computed on the fly (same rows as a store, mixed in a bounded buffer);
 activations.source; the store's shuffle buffer; the profile keys activations.mode / buffer_tokens."""
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
 import numpy as np
 import pytest
 import torch
@@ -165,11 +168,83 @@ def test_fit_train_sae_and_sweep_take_a_stream(model, tokens, tmp_cache, one_thr
     runs = sweep.sweep(st, [{"kind": "topk", "n_latents": 32, "k": 4}, {"kind": "relu", "n_latents": 32}],
                        steps=5, batch_size=16, workers=1)
     assert [r.cached for r in runs] == [True, False]
-    # what a worker process does: reopen from the folder, here with this process's copy forgotten
+    # what a worker process does: rebuild from portable(), here with this process's copy forgotten
+    opener, state = st.portable()
     monkeypatch.setattr(S, "_LIVE", {})
-    again = S.ActivationStream(str(st.path), ram_limit_bytes=2**30)
+    again = opener(pickle.loads(ForkingPickler.dumps(state)))
     assert again.meta["key"] == st.meta["key"] and again.model is not st.model
     assert all(torch.equal(x, y) for x, y in zip(again.batches(16, seed=2), st.batches(16, seed=2)))
+    assert not (tmp_cache / "streams").exists() and not (tmp_cache / "activations").exists()
+
+
+def _files(root):
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_portable_copies_nothing_to_disk_and_rebuilds_the_same_stream(model, tokens, tmp_cache, tmp_path,
+                                                                     monkeypatch):
+    import datasets
+
+    from saelib import lm
+
+    st = stream(model, tokens, n=150)
+    assert st.portable()[0](st.portable()[1]) is st                  # in this process: the live stream itself
+    ds = datasets.Dataset.from_dict({"input_ids": tokens.numpy().astype(np.int32)})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    ds = datasets.load_from_disk(str(tmp_path / "ds"))               # memory-mapped arrow files
+    np.save(tmp_path / "tok.npy", tokens.numpy())
+    mm = np.load(tmp_path / "tok.npy", mmap_mode="r")
+    model.save_pretrained(str(tmp_path / "lm"))
+    named = lm.load_model(tmp_path / "lm", "cpu")                    # name_or_path: the saved folder
+    cases = {"tensor": (model, tokens), "dataset": (model, ds), "memmap": (model, mm),
+             "view": (model, mm[2:]), "array": (model, np.asarray(tokens.numpy())), "name": (named, tokens)}
+    before = _files(tmp_path)
+    blobs = {}
+    for label, (m, t) in cases.items():
+        st = stream(m, t, n=150)
+        opener, state = st.portable()
+        blobs[label] = ForkingPickler.dumps(state)                  # what a worker receives
+        kind = {"view": "tensor", "array": "tensor", "name": "tensor"}.get(label, label)
+        assert state["tokens"][0] == kind, label
+        assert state["model"][0] == ("name" if label == "name" else "module"), label
+        if kind == "tensor":                  # only the rows the stream reads, in the smallest dtype (ids < 50)
+            assert len(state["tokens"][1]) == st.n_seq < len(t) and state["tokens"][1].dtype == torch.uint8
+        monkeypatch.setattr(S, "_LIVE", {})                          # as in a fresh worker process
+        again = opener(pickle.loads(blobs[label]))
+        assert again is not st and again.meta == st.meta and again.model is not st.model, label
+        assert again.n == st.n and torch.equal(again._used, st._used), label
+        assert all(torch.equal(x, y) for x, y in zip(again.batches(16, seed=1), st.batches(16, seed=1))), label
+        torch.testing.assert_close(again.sample(20, seed=4), st.sample(20, seed=4))
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    assert all(len(b) < weights for b in blobs.values())             # tensors went through shared memory
+    assert len(blobs["name"]) < len(blobs["tensor"])                 # by name: not even the module
+    assert _files(tmp_path) == before                                # nothing written, no streams folder
+    assert not (tmp_cache / "streams").exists() and not (tmp_cache / "activations").exists()
+    with torch.no_grad():                                            # weights changed after loading: not by name
+        next(named.parameters()).add_(1.0)
+    assert stream(named, tokens, n=150).portable()[1]["model"][0] == "module"
+    assert [S._narrow_int(torch.tensor(v)) for v in ([0, 255], [0, 50256], [-1, 5], [0, 2**40])] == \
+        [torch.uint8, torch.uint16, torch.int32, torch.int64]
+    with pytest.raises(ValueError, match="not reopened from a folder"):
+        S.ActivationStream(str(tmp_path))
+
+
+def test_sweep_in_two_worker_processes_writes_no_stream_copy(model, tokens, tmp_path, monkeypatch):
+    from saelib import sweep
+
+    specs = [{"kind": "topk", "n_latents": 32, "k": 4}, {"kind": "relu", "n_latents": 32}]
+    out = {}
+    for workers in (1, 2):
+        monkeypatch.setenv("SAELIB_CACHE", str(tmp_path / f"w{workers}"))
+        st = stream(model, tokens, n=300)
+        out[workers] = sweep.sweep(st, specs, steps=5, batch_size=16, workers=workers)
+        assert not any(r.cached for r in out[workers])
+        root = tmp_path / f"w{workers}"
+        assert (root / "saes").is_dir() and not (root / "streams").exists() and not (root / "activations").exists()
+    for a, b in zip(out[1], out[2]):
+        assert a.path.name == b.path.name
+        for (n, x), (_, y) in zip(a.sae.state_dict().items(), b.sae.state_dict().items()):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=n)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
