@@ -85,19 +85,13 @@ def _kind(val):
     """A leaf value's kind: 'null', 'bool', 'int', 'float', 'str', ('list', elem kinds), 'dict'."""
     if val is None:
         return "null"
-    if isinstance(val, bool):
-        return "bool"
-    if isinstance(val, int):
-        return "int"
-    if isinstance(val, float):
-        return "float"
-    if isinstance(val, str):
-        return "str"
-    if isinstance(val, dict):
-        return "dict"
-    if isinstance(val, list):
-        return "list"
+    for typ, name in _KINDS:          # bool before int: a bool is an int to isinstance
+        if isinstance(val, typ):
+            return name
     return type(val).__name__
+
+
+_KINDS = ((bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (dict, "dict"), (list, "list"))
 
 
 def _leaf_schema(path: tuple, profiles: list[dict]) -> dict:

@@ -22,3 +22,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def interrupt_training_at(monkeypatch):
+    """``interrupt_training_at(step)``: from now on, ``train.fit``'s step ``step`` raises
+    KeyboardInterrupt (an interrupted run); returns the real step function, for undoing."""
+    from saelib import train
+
+    real_step = train._train_step
+
+    def arm(stop: int):
+        def interrupted(sae, opt, x, lr, aux_k, coef, dead, step):
+            if step == stop:
+                raise KeyboardInterrupt
+            return real_step(sae, opt, x, lr, aux_k, coef, dead, step)
+
+        monkeypatch.setattr(train, "_train_step", interrupted)
+        return real_step
+    return arm

@@ -110,7 +110,8 @@ def test_checkpoint_steps_policy():
 
 @pytest.mark.parametrize("kind,build", [("switch", dict(n_latents=64, k=4, n_experts=4)),
                                         ("batchtopk", dict(n_latents=64, k=4))])
-def test_interrupted_train_sae_resumes_to_the_uninterrupted_result(kind, build, tmp_path, monkeypatch, one_thread):
+def test_interrupted_train_sae_resumes_to_the_uninterrupted_result(kind, build, tmp_path, monkeypatch, one_thread,
+                                                                    interrupt_training_at):
     import torch
 
     from saelib import sweep, train
@@ -121,14 +122,7 @@ def test_interrupted_train_sae_resumes_to_the_uninterrupted_result(kind, build, 
     ref = sweep.train_sae(x, kind, **kw)                      # uninterrupted, in its own cache
 
     monkeypatch.setenv("SAELIB_CACHE", str(tmp_path / "run"))
-    real_step = train._train_step
-
-    def killed_at_17(sae, opt, xb, lr, aux_k, coef, dead, step):
-        if step == 17:
-            raise KeyboardInterrupt
-        return real_step(sae, opt, xb, lr, aux_k, coef, dead, step)
-
-    monkeypatch.setattr(train, "_train_step", killed_at_17)
+    real_step = interrupt_training_at(17)
     with pytest.raises(KeyboardInterrupt):
         sweep.train_sae(x, kind, **kw)
     ckpts = list((tmp_path / "run" / "saes").glob("*.ckpt"))

@@ -319,7 +319,7 @@ def test_prefetch_keeps_order_and_raises_the_producers_error():
 
 
 @pytest.mark.parametrize("kind,store", [("scale", False), ("batchtopk", True)])
-def test_checkpoint_resume_matches_uninterrupted_run(kind, store, tmp_path, monkeypatch):
+def test_checkpoint_resume_matches_uninterrupted_run(kind, store, tmp_path, monkeypatch, interrupt_training_at):
     x = gauss()
     data = (lambda: Store(x)) if store else (lambda: x)
     kw = dict(steps=30, batch_size=128, seed=3, log_every=4, aux_k=True, dead_window=512, progress=False)
@@ -327,14 +327,7 @@ def test_checkpoint_resume_matches_uninterrupted_run(kind, store, tmp_path, monk
     h_ref = train.fit(ref, data(), **kw)
 
     ckpt = tmp_path / "run.pt"
-    real_step = train._train_step
-
-    def crash_at_17(sae, opt, x, lr, aux_k, coef, dead, step):
-        if step == 17:
-            raise KeyboardInterrupt
-        return real_step(sae, opt, x, lr, aux_k, coef, dead, step)
-
-    monkeypatch.setattr(train, "_train_step", crash_at_17)
+    real_step = interrupt_training_at(17)
     with pytest.raises(KeyboardInterrupt):
         train.fit(small(kind), data(), checkpoint_path=ckpt, checkpoint_every=5, **kw)
     assert ckpt.exists()
