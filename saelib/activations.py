@@ -278,10 +278,23 @@ class ActivationStore:
                 last = gi == len(groups) - 1
                 stop = len(buf) if (last and not drop_last) else len(buf) // batch_size * batch_size
                 for i in range(0, stop, batch_size):  # numpy gather of sorted rows: faster than torch's here
+                    if dev.type == "cuda":            # page-locked gather, copied without blocking
+                        yield _pinned_to(buf, np.sort(order[i:i + batch_size]) if shuffle
+                                         else np.arange(i, min(i + batch_size, stop)), dev)
+                        continue
                     rows = buf[np.sort(order[i:i + batch_size])] if shuffle else buf[i:i + batch_size].copy()
                     yield torch.from_numpy(rows).to(device=dev, dtype=torch.float32)
                 carry = buf[np.sort(order[stop:])] if not last else carry[:0]
             epoch += 1
+
+
+def _pinned_to(buf: np.ndarray, idx: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """``buf[idx]`` as float32 on the CUDA device ``dev``: gathered into page-locked memory and
+    copied without blocking (as :func:`saelib.train._to_device`; the caching host allocator
+    keeps the buffer until its copy is done), converted to float32 on the device."""
+    host = torch.empty((len(idx), buf.shape[1]), dtype=torch.from_numpy(buf[:0]).dtype, pin_memory=True)
+    np.take(buf, idx, axis=0, out=host.numpy(), mode="clip")   # idx is in range; "clip" skips a buffered copy
+    return host.to(device=dev, non_blocking=True).to(torch.float32)
 
 
 def _token_rows(tokens) -> torch.Tensor:

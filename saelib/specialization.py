@@ -6,16 +6,16 @@ chapter re-runs its sections 3.1-3.4 and appendices A-D; the generic metrics (A.
 similarity, overlap histograms, expert counts, duplicate fraction, intra/inter-expert
 redundancy) are in :mod:`saelib.metrics`; this module holds what only the chapter needs:
 
-* **Domains** (:func:`split_by_domain`, :func:`collect_capped`, :func:`training_data`): the tokenized
-  ``DatasetDict`` carries the minipile domain of every packed row (column ``domain``),
-  so the SAEs can train on two domains and be evaluated on the third, in the role
-  [scale] sec. 3.1 gives to HLE-Biomedical.
+* **Domains** (:func:`split_by_domain`, :func:`collect_capped`, :func:`training_data`):
+  the tokenized ``DatasetDict`` carries the minipile domain of every packed row (column
+  ``domain``), so the SAEs can train on two domains and be evaluated on the third, in the
+  role [scale] sec. 3.1 gives to HLE-Biomedical.
 * **Token classes** (:func:`word_ends`, :func:`domain_word_counts`,
-  :func:`past_tense_class`, :func:`class_rows`): [scale] sec. 3.3 uses 1,500 past-tense
-  verbs (fig. 6b) and 13,500 verb tokens (fig. 7) from OpenWebText. We build the class
-  of regular ``-ed`` forms attested in *every* domain of our corpus, locate the token
-  that ends each occurrence (a word is often several BPE tokens) and return the
-  activation rows there.
+  :func:`past_tense_class`, :func:`class_rows`, :func:`class_acts`, :func:`class_store`):
+  [scale] sec. 3.3 uses 1,500 past-tense verbs (fig. 6b) and 13,500 verb tokens (fig. 7)
+  from OpenWebText. We build the class of regular ``-ed`` forms attested in *every* domain
+  of our corpus, locate the token that ends each occurrence (a word is often several BPE
+  tokens) and return the activation rows there.
 * **The learned scale** omega of eq. 2.5 (:func:`omega_trace`, :func:`omega_final`,
   :func:`fit_omega_law`), training instability (:func:`instability`), the CDF summary
   of fig. 6b (:func:`top_share`), the bimodality of app. D (:func:`overlap_stats`).
@@ -81,7 +81,8 @@ def collect_capped(model, tokens: torch.Tensor, site: str, n_tokens: int, **kw):
     return collect(model, tokens, site, n, **kw)
 
 
-def training_data(cfg: dict, model, tokens: torch.Tensor, site: str | None = None, **kw):
+def training_data(cfg: dict, model, tokens: torch.Tensor, site: str | None = None, *, longest_run: int | None = None,
+                  **kw):
     """The SAE training activations over ``tokens`` (the training domains' rows) as the
     profile's ``activations.mode`` says:
 
@@ -95,6 +96,12 @@ def training_data(cfg: dict, model, tokens: torch.Tensor, site: str | None = Non
       ``n_tokens`` raise a ValueError before any model runs, rather than the silent cap of
       the store, which repeats rows in training).
 
+    ``longest_run``: the rows the longest training run reads (chapter 02's budget run:
+    ``budget.factor x steps x batch_size``). A stream holds ``max(activations.n_tokens,
+    longest_run)`` rows, so that run reads every row at most once (as chapter 01 sizes its
+    source); the store ignores it (quick / full keep their store, key and numbers; their
+    budget run repeats the capped rows, as it always did).
+
     ``site``: default the profile's; ``kw`` (e.g. ``dtype``, ``device``) goes to the
     collector / the stream."""
     from .activations import MODES, activation_site, source
@@ -103,9 +110,22 @@ def training_data(cfg: dict, model, tokens: torch.Tensor, site: str | None = Non
     mode = acts.get("mode", "store")
     check_choice("activations.mode", mode, MODES)
     site = site or activation_site(cfg)
+    if longest_run is not None:
+        check_positive_int("longest_run", longest_run)
     if mode == "store":
         return collect_capped(model, tokens, site, int(acts["n_tokens"]), **kw)
-    return source(cfg, model, tokens, site=site, **kw)
+    return source(cfg, model, tokens, max(int(acts["n_tokens"]), longest_run or 0), site=site, **kw)
+
+
+def class_store(data, model, tokens: torch.Tensor, site: str, n_tokens: int, **kw):
+    """The store whose rows :func:`class_rows` locates in the training domains' ``tokens``:
+    ``data`` itself when it is a store (it records ``seq`` / ``pos`` / ``tokens`` of every row:
+    quick / full, the same rows as ever), else (a stream records none; paper profile)
+    :func:`collect_capped` of ``n_tokens`` rows of the same ``tokens`` (``kw``: ``dtype``,
+    ``device``), i.e. the stream's first ``n_tokens`` rows in a small store."""
+    if all(hasattr(data, a) for a in ("seq", "pos", "tokens")):
+        return data
+    return collect_capped(model, tokens, site, n_tokens, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -198,6 +218,14 @@ def class_rows(store, tokens, tokenizer, members) -> np.ndarray:
     we = we[we.word.isin(set(members))]
     n_ctx = T.shape[1]
     return np.nonzero(np.isin(seq * n_ctx + pos, we.seq.to_numpy() * n_ctx + we.pos.to_numpy()))[0]
+
+
+def class_acts(store, tokens, tokenizer, members) -> torch.Tensor:
+    """The activations (float32 [n, d]) of the store's :func:`class_rows`: the same numbers as
+    ``store.tensor()[class_rows(...)]``, reading only those rows (a store larger than its
+    ``ram_limit_bytes``, e.g. the paper profile's 1M-row evaluation stores, is fine)."""
+    rows = class_rows(store, tokens, tokenizer, members)
+    return torch.from_numpy(np.asarray(store.acts[rows], dtype=np.float32))
 
 
 # ---------------------------------------------------------------------------

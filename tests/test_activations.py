@@ -145,3 +145,44 @@ def test_sample_tensor_limit_and_site_helper(model, tokens, tmp_cache):
     assert A.activation_site({"site": "mlp_out", "layer": 1}) == "blocks.1.mlp_out"
     with pytest.raises(ValueError, match="site"):
         A.activation_site({"layer": 1})
+
+
+def _all_batches(store, device):
+    """Every kind of batch: shuffled (all in RAM and chunked), ordered, a short last batch; float16 and float32."""
+    out = []
+    for ram in (2**30, 16 * 8 * 64):
+        store.ram_limit_bytes = ram
+        for kw in ({"seed": 1}, {"seed": 1, "drop_last": False}, {"shuffle": False, "drop_last": False}):
+            out += list(store.batches(32, device=device, epochs=2, **kw))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_batches_cuda_branch_serves_the_cpu_rows(model, tokens, tmp_cache, monkeypatch, dtype):
+    """On CUDA, batches() gathers into page-locked memory (:func:`A._pinned_to`); run that branch on the
+    CPU (pinning and the device faked) and check it serves exactly the CPU batches."""
+    store = A.collect(model, tokens, "blocks.0.mlp_out", n_tokens=200, batch_size=8, dtype=dtype)
+    ref = _all_batches(store, "cpu")
+    real_pinned, real_empty, seen = A._pinned_to, torch.empty, []
+
+    def pinned_on_cpu(buf, idx, dev):
+        assert dev.type == "cuda"
+        seen.append(len(idx))
+        return real_pinned(buf, idx, torch.device("cpu"))
+
+    monkeypatch.setattr(A, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(A, "_pinned_to", pinned_on_cpu)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **kw: real_empty(*a, **kw))
+    got = _all_batches(store, "cuda")
+    assert len(seen) == len(got) == len(ref) and 200 - 6 * 32 in seen     # the short last batch too
+    assert all(g.dtype == torch.float32 and torch.equal(g, r) for g, r in zip(got, ref))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_batches_on_cuda_equal_cpu_batches(model, tokens, tmp_cache, dtype):
+    store = A.collect(model, tokens, "blocks.0.mlp_out", n_tokens=200, batch_size=8, dtype=dtype)
+    ref = _all_batches(store, "cpu")
+    got = _all_batches(store, "cuda")
+    assert len(got) == len(ref) and all(g.is_cuda and g.dtype == torch.float32 for g in got)
+    assert all(torch.equal(g.cpu(), r) for g, r in zip(got, ref))

@@ -183,8 +183,9 @@ def tiny_lm():
     return GPT2LMHeadModel(cfg).eval(), tok
 
 
-def _chapter02_line():
-    """The notebook's line that makes chapter 02's SAE training data (same in the book's copy)."""
+def _chapter02_code(*starts):
+    """The notebook's statements that begin with one of ``starts`` (with their continuation
+    lines), in notebook order; the same in the book's copy."""
     import json
     from pathlib import Path
 
@@ -192,14 +193,24 @@ def _chapter02_line():
     found = []
     for nb in ("notebooks/02_scale_sae.ipynb", "book/chapters/02_scale_sae.ipynb"):
         cells = json.loads((root / nb).read_text(encoding="utf-8"))["cells"]
-        found.append([ln for c in cells if c["cell_type"] == "code" for ln in c["source"] if ln.startswith("store = ")])
-    assert len(found[0]) == 1 and found[0] == found[1]
-    return found[0][0]
+        lines, inside = [], False
+        for ln in (ln for c in cells if c["cell_type"] == "code" for ln in c["source"]):
+            inside = ln.startswith(starts) or (inside and ln[:1].isspace())
+            if inside:
+                lines.append(ln if ln.endswith("\n") else ln + "\n")
+        found.append(lines)
+    assert sum(ln.startswith(starts) for ln in found[0]) == len(starts) and found[0] == found[1]
+    return "".join(found[0])
+
+
+def _chapter02_line():
+    """The notebook's statement that makes chapter 02's SAE training data."""
+    return _chapter02_code("store = ")
 
 
 def _run_line(cfg, model, tok):
-    ns = {"S": S, "cfg": cfg, "sm": SimpleNamespace(model=model), "tr_tok": tok, "site": cfg["site"],
-          "col": {"dtype": cfg["activations"]["dtype"], "device": "cpu"}}
+    ns = {"S": S, "cfg": cfg, "c": cfg["chapter02"], "sm": SimpleNamespace(model=model), "tr_tok": tok,
+          "site": cfg["site"], "col": {"dtype": cfg["activations"]["dtype"], "device": "cpu"}}
     exec(_chapter02_line(), ns)                                      # noqa: S102 (the notebook's own line)
     return ns["store"]
 
@@ -221,7 +232,8 @@ def test_chapter02_training_data_paper_stream_mode_writes_no_store(tiny_lm, tmp_
     from saelib import activations, config, stream
 
     model, tok = tiny_lm
-    over = {"site": SITE, "device": "cpu", "activations": {"n_tokens": 200, "buffer_tokens": 64}}
+    over = {"site": SITE, "device": "cpu", "activations": {"n_tokens": 200, "buffer_tokens": 64},
+            "chapter02": {"steps": 2, "batch_size": 50, "budget": {"factor": 2}}}   # budget run: 200 rows
     cfg = config.load_profile("paper", over)                        # activations.mode: stream, float16
     assert cfg["activations"]["mode"] == "stream"
     got = _run_line(cfg, model, tok)
@@ -232,3 +244,90 @@ def test_chapter02_training_data_paper_stream_mode_writes_no_store(tiny_lm, tmp_
     torch.testing.assert_close(rows, ref.tensor(), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="n_tokens=10000"):         # allow_repeat: false, no silent cap
         S.training_data(config.load_profile("paper", {**over, "activations": {"n_tokens": 10_000}}), model, tok)
+
+
+def test_chapter02_stream_serves_the_budget_run_without_repeats(tiny_lm, tmp_cache):
+    """Paper profile: the budget run trains factor x steps x batch_size rows; the stream must hold
+    them all (allow_repeat: false), not activations.n_tokens and a silent second pass."""
+    from saelib import config, stream, train
+
+    model, tok = tiny_lm
+    tok = tok.clone()
+    tok[:, 1] = torch.arange(1, len(tok) + 1)                                  # every row's context differs
+    ch = {"steps": 5, "batch_size": 30, "budget": {"factor": 2}}                 # budget run: 10 x 30 = 300 rows
+    over = {"site": SITE, "device": "cpu", "activations": {"n_tokens": 100, "buffer_tokens": 64}, "chapter02": ch}
+    got = _run_line(config.load_profile("paper", over), model, tok)
+    assert isinstance(got, stream.ActivationStream) and len(got) == 300
+    batches = train.batch_stream(got, ch["batch_size"], seed=0)                # what the budget run reads
+    rows = torch.cat([next(batches) for _ in range(ch["budget"]["factor"] * ch["steps"])])
+    assert len(torch.unique(rows, dim=0)) == len(rows)                         # every row at most once
+    with pytest.raises(ValueError, match="n_tokens=600"):                      # tokens too few: an error, no repeat
+        _run_line(config.load_profile("paper", {**over, "chapter02": {**ch, "steps": 10}}), model, tok)
+    assert not tmp_cache.exists() or not any(tmp_cache.rglob("*.npy"))
+
+
+class Tok50(FakeTokenizer):
+    """A tokenizer for the tiny LM's 50 ids: word pieces, suffixes and punctuation."""
+    PIECES = ["<bos>"] + [[" call", " walk", " use", "ed", "d", ".", " jump", "s", ","][i % 9] for i in range(49)]
+
+
+def _class_cell(store, model, tok, cfg):
+    """Chapter 02's class-row lines (cell ``cls_x = ...``) on the tiny LM: the training rows
+    ``store``, the validation groups the two halves of ``tok``; returns (cls_x, namespace)."""
+    col = {"dtype": cfg["activations"]["dtype"], "device": "cpu"}
+    va_tok, ho_tok = tok[:15], tok[15:]
+    ns = {"S": S, "torch": torch, "c": {**cfg["chapter02"], "eval_tokens": 120}, "site": SITE, "col": col,
+          "sm": SimpleNamespace(model=model, tokenizer=Tok50()), "store": store, "tr_tok": tok,
+          "members": pd.DataFrame(index=["called", "walked", "used", "jumped", "calls"]),
+          "va_tok": va_tok, "ho_tok": ho_tok,
+          "val_in": S.collect_capped(model, va_tok, SITE, 100, **col), "val_out": S.collect_capped(model, ho_tok, SITE, 100, **col)}
+    exec(_chapter02_code("cls_src = ", "cls_x = "), ns)              # noqa: S102 (the notebook's own lines)
+    return ns["cls_x"], ns
+
+
+def test_chapter02_class_rows_store_mode_unchanged(tiny_lm, tmp_cache):
+    from saelib import config
+
+    model, tok = tiny_lm
+    cfg = config.load_profile("quick", {"site": SITE, "activations": {"n_tokens": 200}})
+    store = _run_line(cfg, model, tok)
+    got, ns = _class_cell(store, model, tok, cfg)
+    old = torch.cat([st.tensor()[S.class_rows(st, t, Tok50(), ns["members"].index)]      # what chapter 02 did
+                     for st, t in ((store, tok), (ns["val_in"], ns["va_tok"]), (ns["val_out"], ns["ho_tok"]))])
+    assert ns["cls_src"] is store and len(got) > 10 and torch.equal(got, old)
+
+
+def test_chapter02_class_rows_stream_mode_read_a_capped_store(tiny_lm, tmp_cache):
+    """Paper profile: a stream records no seq/pos/tokens; the training-domain class rows come from
+    a capped store of eval_tokens rows of the same tokens (the stream's first rows)."""
+    from saelib import activations, config, stream
+
+    model, tok = tiny_lm
+    over = {"site": SITE, "device": "cpu", "activations": {"n_tokens": 200, "buffer_tokens": 64},
+            "chapter02": {"steps": 2, "batch_size": 50}}
+    cfg = config.load_profile("paper", over)
+    data = _run_line(cfg, model, tok)
+    assert isinstance(data, stream.ActivationStream)
+    got, ns = _class_cell(data, model, tok, cfg)
+    small = ns["cls_src"]
+    assert isinstance(small, activations.ActivationStore) and len(small) == 120 and small.dtype == "float16"
+    ref = torch.cat([st.tensor()[S.class_rows(st, t, Tok50(), ns["members"].index)]
+                     for st, t in ((small, tok), (ns["val_in"], ns["va_tok"]), (ns["val_out"], ns["ho_tok"]))])
+    assert len(got) > 5 and torch.equal(got, ref)
+    first = torch.cat(list(data.batches(40, shuffle=False)))[:120]            # the stream's first rows
+    torch.testing.assert_close(first, small.tensor(), rtol=0, atol=1e-6)
+
+
+def test_class_acts_reads_only_the_class_rows(tiny_lm, tmp_cache):
+    from saelib import activations
+
+    model, tok = tiny_lm
+    store = S.collect_capped(model, tok, SITE, 200, dtype="float16")
+    members = ["called", "walked", "used"]
+    big = activations.ActivationStore(store.path, ram_limit_bytes=1)           # .tensor() refuses this store
+    with pytest.raises(ValueError, match="ram_limit_bytes"):
+        big.tensor()
+    rows = S.class_rows(store, tok, Tok50(), members)
+    got = S.class_acts(big, tok, Tok50(), members)
+    assert got.dtype == torch.float32 and len(got) == len(rows) > 0 and torch.equal(got, store.tensor()[rows])
+    assert S.class_acts(store, tok, Tok50(), ["zzz"]).shape == (0, store.d)
