@@ -168,6 +168,7 @@ class ActivationStream:
             counts.append(keep_mask(x, bos, skip_bos).sum(1))
         counts = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
         self.n_seq, self.n = plan_rows(counts, n_tokens, allow_repeat, "ActivationStream")
+        self.allow_repeat = bool(allow_repeat)   # False: a run longer than the stream is refused (sweep.train_sae)
         for i in range(0, self.n_seq, step):               # the same digest as collect's (int64 rows)
             h.update(self._source.take(slice(i, min(i + step, self.n_seq))).numpy().tobytes())
         counts = counts[:self.n_seq]

@@ -187,6 +187,10 @@ def _resolve(data, kind: str, *, steps: int, batch_size: int, seed: int, lr, lr_
     check_positive_int("steps", steps)
     check_positive_int("batch_size", batch_size)
     check_choice("normalize", normalize, (None, "unit"))
+    if getattr(data, "allow_repeat", True) is False and steps * batch_size > len(data):
+        raise ValueError(f"steps x batch_size = {steps * batch_size} rows exceed the {len(data)} rows of the "
+                         "stream, which must not repeat rows (activations.allow_repeat: false); size the source "
+                         "for the longest run, or lower steps / batch_size")
     d_in = _d_of(data)
     build_kwargs = {k: v for k, v in build_kwargs.items() if k != "d_in"}
     sae = saes.build(kind, d_in=d_in, seed=seed, **build_kwargs)        # validates before any work

@@ -177,6 +177,19 @@ def test_fit_train_sae_and_sweep_take_a_stream(model, tokens, tmp_cache, one_thr
     assert not (tmp_cache / "streams").exists() and not (tmp_cache / "activations").exists()
 
 
+def test_a_run_longer_than_a_non_repeating_stream_is_refused_before_training(model, tokens, tmp_cache):
+    from saelib import sweep
+
+    st = stream(model, tokens, n=300)                  # allow_repeat=False (the paper profile's setting)
+    assert st.allow_repeat is False
+    with pytest.raises(ValueError, match="320 rows exceed the 300 rows"):
+        sweep.train_sae(st, "topk", n_latents=32, k=4, steps=20, batch_size=16)
+    with pytest.raises(ValueError, match="allow_repeat"):
+        sweep.sweep(st, [{"kind": "topk", "n_latents": 32, "k": 4}], steps=20, batch_size=16, workers=1)
+    assert not (tmp_cache / "saes").exists() or not any((tmp_cache / "saes").iterdir())
+    sweep.train_sae(st, "topk", n_latents=32, k=4, steps=18, batch_size=16)    # 288 rows: fits
+
+
 def _files(root):
     return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
