@@ -182,6 +182,9 @@ FILE_BUILDERS = ("parquet", "json", "csv", "arrow")   # hf:<builder>:<data_files
 PARQUET_REVISION = "refs/convert/parquet"               # the hub's parquet conversion of every dataset
 STREAM_BUFFER = 10_000                                  # documents in the shuffle buffer of a streamed sample
 STREAM_VERSION = 1                                      # bump when the streamed sample changes
+STREAM_SHARD_DOCS = 50_000                              # documents per shard of a streamed sample / its splits:
+                                                        # the texts held in RAM at once (~0.25 GB of OpenWebText)
+SPLITS_VERSION = 1                                      # bump when the on-disk splits of a sample change
 
 
 def parse_hf(spec: str) -> dict:
@@ -272,12 +275,29 @@ def _open_hf(spec: str, p: dict, streaming: bool):
     return dsd
 
 
-def _stream_sample(spec: str, p: dict, max_docs: int, seed: int) -> tuple[list[str], list[str]]:
-    """Up to ``max_docs`` documents of each split of a streamed dataset: the split's stream
-    shuffled with ``seed`` (shard order and a :data:`STREAM_BUFFER`-document buffer,
-    ``IterableDataset.shuffle``), its first ``max_docs`` rows. Ids are ``<split>/<hash of the
-    text>`` (identical texts are one document). Only these rows are downloaded."""
-    ids, texts, seen = [], [], set()
+def _write_stream_sample(path: Path, spec: str, p: dict, max_docs: int, seed: int, shard_docs: int) -> None:
+    """Write up to ``max_docs`` documents of each split of a streamed dataset to ``path``: the
+    split's stream shuffled with ``seed`` (shard order and a :data:`STREAM_BUFFER`-document
+    buffer, ``IterableDataset.shuffle``), its first ``max_docs`` rows. Ids are ``<split>/<hash
+    of the text>`` (identical texts are one document). Only these rows are downloaded.
+
+    Written as it streams, ``shard_docs`` documents at a time: ``path/shard-00000``, ... each a
+    ``datasets`` folder (``save_to_disk``, columns ``id``, ``text``), so at most one shard of
+    texts is held in RAM (plus the ids seen, ~140 bytes per document); read back memory-mapped
+    by :func:`_load_shards`."""
+    import datasets
+
+    feats = datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")})
+    path.mkdir(parents=True)
+    ids, texts, seen, n_shards = [], [], set(), 0
+
+    def flush():
+        nonlocal ids, texts, n_shards
+        with _datasets_bars():
+            datasets.Dataset.from_dict({"id": ids, "text": texts}, features=feats).save_to_disk(
+                str(path / f"shard-{n_shards:05d}"))
+        ids, texts, n_shards = [], [], n_shards + 1
+
     for split, ds in _open_hf(spec, p, streaming=True).items():
         col = _text_column(ds, split, spec)
         ds = ds.select_columns([col]).shuffle(seed=seed, buffer_size=STREAM_BUFFER)
@@ -286,33 +306,61 @@ def _stream_sample(spec: str, p: dict, max_docs: int, seed: int) -> tuple[list[s
             i = f"{split}/{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}"
             if i not in seen:
                 seen.add(i), ids.append(i), texts.append(text)
-    return ids, texts
+                if len(ids) >= shard_docs:
+                    flush()
+    if ids or not n_shards:          # the last partial shard (an empty sample is one empty shard)
+        flush()
 
 
-def _load_hf(spec: str, max_docs=None, seed=0, streaming=None) -> dict[str, tuple[list[str], list[str]]]:
+def _load_shards(path: Path):
+    """The ``datasets.Dataset`` of a sharded cache entry (:func:`_write_stream_sample`,
+    :func:`_write_splits`): its ``shard-*`` folders loaded with ``load_from_disk`` (memory-mapped
+    Arrow, nothing read into RAM) and concatenated in order. An entry written before sharding
+    (one ``save_to_disk`` folder) loads as it is."""
+    import datasets
+
+    with _datasets_bars():
+        if (path / "state.json").exists():
+            return datasets.load_from_disk(str(path))
+        shards = sorted(path.glob("shard-*"), key=lambda s: int(s.name[len("shard-"):]))
+        if not shards:
+            raise FileNotFoundError(f"{path}: no shard-* folders")
+        return datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards])
+
+
+def _arrow_texts(ds, rows) -> list[str]:
+    """``text`` of the rows ``rows`` (indices, or a slice) of a memory-mapped ``datasets.Dataset``:
+    only those rows are read."""
+    return ds.with_format("arrow")[rows]["text"].to_pylist()
+
+
+def _load_hf(spec: str, max_docs=None, seed=0, streaming=None, shard_docs=None):
     """(ids, texts) of the one domain of ``hf:<spec>`` (see :func:`parse_hf`).
 
     ``streaming``: None (auto) streams when ``max_docs`` is set and the data is remote, so a
     200k-document sample of a 40 GB corpus downloads 200k documents, not the corpus. A streamed
     sample is cached under ``cache_dir("corpus")`` keyed by spec, ``max_docs`` and ``seed``
-    (delete it to fetch the hub's current data again). Without streaming the whole dataset
-    is loaded (and cached by ``datasets``) and ``max_docs`` documents chosen by ``seed``."""
-    import datasets
+    (delete it to fetch the hub's current data again), written ``shard_docs`` documents at a
+    time (:func:`_write_stream_sample`); its ``texts`` are then a memory-mapped
+    ``datasets.Dataset`` with a ``text`` column (rows in the order of ``ids``), not a list.
+    Without streaming the whole dataset is loaded (and cached by ``datasets``) and ``max_docs``
+    documents chosen by ``seed``; ``texts`` is a list.
 
+    Returns ``({domain: (ids, texts)}, path)``: ``path`` is the streamed sample's cache entry
+    (None without streaming)."""
     p = parse_hf(spec)
     if streaming is None:
         streaming = max_docs is not None and p["remote"]
     if streaming:
-        if max_docs is None:
-            raise ValueError(f"corpus='hf:{spec}': streaming needs data.max_docs_per_domain (how many documents "
-                             "to take from the stream)")
-        path = cache_dir("corpus") / f"stream-{p['domain']}-{config_hash([STREAM_VERSION, spec, max_docs, seed, STREAM_BUFFER])}"
-        ids, texts = _cached_docs(path, lambda: _stream_sample(spec, p, max_docs, seed),
-                                  f"streamed corpus sample hf:{spec}")
+        path = _stream_path(spec, p, max_docs, seed)
+        ds = cached(path, lambda dst: _build_sharded(dst, lambda d: _write_stream_sample(
+            d, spec, p, max_docs, seed, shard_docs or STREAM_SHARD_DOCS)), _load_shards,
+            f"streamed corpus sample hf:{spec}")
+        ids = column(ds, "id")
         if len(ids) > max_docs:          # several splits: a seeded choice of max_docs over all of them
             keep = sorted(sorted(range(len(ids)), key=lambda i: _u(seed, ids[i]))[:max_docs])
-            ids, texts = [ids[i] for i in keep], [texts[i] for i in keep]
-        return {p["domain"]: (ids, texts)}
+            ids, ds = [ids[i] for i in keep], ds.select(keep)
+        return {p["domain"]: (ids, ds)}, path
 
     cols = {split: (ds, _text_column(ds, split, spec)) for split, ds in _open_hf(spec, p, streaming=False).items()}
     keys = [(s, i) for s, (ds, _) in cols.items() for i in range(len(ds))]
@@ -321,7 +369,20 @@ def _load_hf(spec: str, max_docs=None, seed=0, streaming=None) -> dict[str, tupl
     ids, texts = [f"{s}/{i}" for s, i in keys], []
     for s, (ds, col) in cols.items():
         texts += [x or "" for x in column(ds.select([i for t, i in keys if t == s]), col)]
-    return {p["domain"]: (ids, texts)}
+    return {p["domain"]: (ids, texts)}, None
+
+
+def _stream_path(spec: str, p: dict, max_docs, seed) -> Path:
+    if max_docs is None:
+        raise ValueError(f"corpus='hf:{spec}': streaming needs data.max_docs_per_domain (how many documents "
+                         "to take from the stream)")
+    return cache_dir("corpus") / f"stream-{p['domain']}-{config_hash([STREAM_VERSION, spec, max_docs, seed, STREAM_BUFFER])}"
+
+
+def _build_sharded(path: Path, write) -> None:
+    """Write a sharded cache entry through :func:`saelib.utils.atomic_path` (``write(tmp)``)."""
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def decode_text(raw: bytes) -> str | None:
@@ -413,10 +474,11 @@ def split_of(ids: list[str], fractions=(0.9, 0.05, 0.05)) -> list[str]:
 
 
 def load_corpus(corpus: str = "minipile", domains=None, max_docs_per_domain=None, max_chars_per_doc=None,
-                holdout=(), seed: int = 0, fractions=(0.9, 0.05, 0.05), streaming: bool | None = None):
+                holdout=(), seed: int = 0, fractions=(0.9, 0.05, 0.05), streaming: bool | None = None,
+                shard_docs: int | None = None):
     """Load a corpus as a ``datasets.DatasetDict`` with splits train/validation/test
     (+ "heldout": every document of the ``holdout`` domains) and columns
-    ``text``, ``domain``, ``id``.
+    ``text``, ``domain``, ``id`` (one row per document; texts in characters).
 
     corpus: "minipile" | "hf:<name>[:<config>][@<revision>]" | "hf:parquet:<files>" |
     "files:<glob>" (domain = parent folder name). ``hf:`` specs: see :func:`parse_hf`. A script
@@ -425,8 +487,24 @@ def load_corpus(corpus: str = "minipile", domains=None, max_docs_per_domain=None
     hub serves it today: parquet files of its ``plain_text`` config, split ``partial-train``,
     the first ~5 GB of the corpus) or ``hf:parquet:<local or hf:// files>``.
     max_docs_per_domain: keep that many documents per domain, chosen by ``seed``.
+    max_chars_per_doc: cut every document to that many characters (None: whole documents).
     streaming: ``hf:`` only; None (auto): stream when ``max_docs_per_domain`` is set and the
     data is remote (only the sample is downloaded, then cached), True/False to force it.
+    shard_docs: documents per shard of a streamed sample (None: :data:`STREAM_SHARD_DOCS`).
+
+    Memory: minipile, ``files:`` and non-streamed ``hf:`` corpora are small and returned as
+    in-memory datasets. A streamed ``hf:`` sample (the paper profile's ~4M OpenWebText
+    documents, ~18 GB) is written to the cache as it streams and its splits are written to a
+    second cache entry (``<sample>-splits-<key>``), both ``shard_docs`` documents per shard;
+    the returned splits are memory-mapped from those files, so peak RAM is about one shard of
+    texts plus ~300 bytes per document (ids and the split plan: ~1.2 GB for 4M documents), not
+    the corpus. The documents,
+    their splits and order are the same either way.
+
+    Raises ValueError naming the parameter for a bad ``corpus``, ``fractions``,
+    ``max_docs_per_domain``, ``max_chars_per_doc``, ``streaming``, ``shard_docs``, unknown
+    ``domains``/``holdout`` (for ``hf:`` before anything is downloaded), a holdout that leaves
+    nothing to train on, or a split that would be empty; FileNotFoundError for missing sources.
     """
     import datasets
 
@@ -440,16 +518,35 @@ def load_corpus(corpus: str = "minipile", domains=None, max_docs_per_domain=None
         check_positive_int("max_docs_per_domain", max_docs_per_domain)
     if max_chars_per_doc is not None:
         check_positive_int("max_chars_per_doc", max_chars_per_doc)
+    if streaming is not None and not isinstance(streaming, bool):
+        raise ValueError(f"streaming={streaming!r} is not allowed; use None (auto), True or False")
+    if shard_docs is not None:
+        check_positive_int("shard_docs", shard_docs)
     holdout = tuple([holdout] if isinstance(holdout, str) else holdout or ())
     domains = tuple([domains] if isinstance(domains, str) else domains or ())
+
+    def check_domains(available):
+        for d in (*domains, *holdout):
+            check_choice("domains" if d in domains else "holdout", d, list(available))
+        if holdout and not set(available) - set(holdout):
+            raise ValueError(f"holdout={holdout!r} leaves no domain to train on (domains: {sorted(available)})")
+
     if corpus == "minipile":
         for d in (*domains, *holdout):
             check_choice("domains" if d in domains else "holdout", d, DOMAINS)
         wanted = [d for d in DOMAINS if d in domains or d in holdout] if domains else list(DOMAINS)
         raw = {d: _cached_domain(d) for d in wanted}
+    elif corpus.startswith("hf:"):
+        p = parse_hf(corpus[3:])
+        check_domains([p["domain"]])            # an hf: corpus is one domain: checked before any download
+        if streaming is None:
+            streaming = max_docs_per_domain is not None and p["remote"]
+        if streaming:
+            return _streamed_corpus(corpus[3:], p, max_docs_per_domain, max_chars_per_doc, holdout, seed,
+                                    tuple(fractions), shard_docs or STREAM_SHARD_DOCS)
+        raw, _ = _load_hf(corpus[3:], max_docs_per_domain, seed, False)
     else:
-        raw = (_load_hf(corpus[3:], max_docs_per_domain, seed, streaming) if corpus.startswith("hf:")
-               else _load_files(corpus[6:]))
+        raw = _load_files(corpus[6:])
         for d in (*domains, *holdout):
             check_choice("domains" if d in domains else "holdout", d, list(raw))
         if domains:
@@ -457,55 +554,141 @@ def load_corpus(corpus: str = "minipile", domains=None, max_docs_per_domain=None
     if holdout and not set(raw) - set(holdout):
         raise ValueError(f"holdout={holdout!r} leaves no domain to train on (domains: {sorted(raw)})")
 
-    cols = {s: {"text": [], "domain": [], "id": []} for s in (*SPLITS, *(["heldout"] if holdout else []))}
-    for dom, (ids, texts) in raw.items():
-        keep = [i for i in range(len(ids)) if texts[i].strip()]
-        if max_docs_per_domain is not None and len(keep) > max_docs_per_domain:
-            keep = sorted(sorted(keep, key=lambda i: _u(seed, ids[i]))[:max_docs_per_domain])
-        ids, texts = [ids[i] for i in keep], [texts[i][:max_chars_per_doc] for i in keep]
-        splits = ["heldout"] * len(ids) if dom in holdout else split_of(ids, fractions)
-        # documents in hash order: a prefix of any split mixes domains and documents
-        for i in sorted(range(len(ids)), key=lambda i: _u("order", ids[i])):
-            c = cols[splits[i]]
-            c["text"].append(texts[i]), c["domain"].append(dom), c["id"].append(ids[i])
-    for split, frac in zip(SPLITS, fractions):
-        if frac > 0 and not cols[split]["text"]:
-            n_docs = sum(len(cols[s]["text"]) for s in SPLITS)
-            why = (f"max_docs_per_domain={max_docs_per_domain} keeps {n_docs} document(s)"
-                   if max_docs_per_domain is not None else f"the corpus has {n_docs} document(s)")
-            raise ValueError(f"load_corpus: split {split!r} would be empty: {why}, too few for fractions="
-                             f"{tuple(fractions)}; use max_docs_per_domain >= 3 (one document per split and "
-                             "domain at the least) or more documents")
+    plan = _plan_splits(raw, max_docs_per_domain, holdout, seed, fractions)
+    _check_splits(plan, fractions, max_docs_per_domain)
     feats = datasets.Features({k: datasets.Value("string") for k in ("text", "domain", "id")})
+    cols = {s: {"text": [raw[d][1][i][:max_chars_per_doc] for d, i in rows], "domain": [d for d, _ in rows],
+                "id": [raw[d][0][i] for d, i in rows]} for s, rows in plan.items()}
     return datasets.DatasetDict({s: datasets.Dataset.from_dict(c, features=feats) for s, c in cols.items()})
 
 
+def _nonempty(texts, batch: int = STREAM_SHARD_DOCS) -> list[bool]:
+    """Whether each text has a non-whitespace character; a memory-mapped ``datasets.Dataset``
+    is read ``batch`` rows at a time."""
+    if isinstance(texts, list):
+        return [bool(t.strip()) for t in texts]
+    return [bool(t.strip()) for a in range(0, len(texts), batch) for t in _arrow_texts(texts, slice(a, a + batch))]
+
+
+def _plan_splits(raw: dict, max_docs, holdout, seed, fractions, batch: int = STREAM_SHARD_DOCS) -> dict:
+    """``{split: [(domain, index into raw[domain]), ...]}``: which document goes where, in order.
+
+    Per domain: the non-empty documents, ``max_docs`` of them chosen by ``seed``, split by
+    :func:`split_of` (or all "heldout"), each split's documents in the order of a hash of their
+    id, domain after domain (a prefix of any split mixes documents). Needs only the ids (and one
+    pass over the texts for emptiness): ~300 bytes per document at its peak."""
+    plan = {s: [] for s in (*SPLITS, *(["heldout"] if holdout else []))}
+    for dom, (ids, texts) in raw.items():
+        keep = [i for i, ok in enumerate(_nonempty(texts, batch)) if ok]
+        if max_docs is not None and len(keep) > max_docs:
+            keep = sorted(sorted(keep, key=lambda i: _u(seed, ids[i]))[:max_docs])
+        kept = [ids[i] for i in keep]
+        splits = ["heldout"] * len(kept) if dom in holdout else split_of(kept, fractions)
+        for j in sorted(range(len(kept)), key=lambda j: _u("order", kept[j])):
+            plan[splits[j]].append((dom, keep[j]))
+    return plan
+
+
+def _check_splits(plan: dict, fractions, max_docs) -> None:
+    for split, frac in zip(SPLITS, fractions):
+        if frac > 0 and not plan[split]:
+            n_docs = sum(len(plan[s]) for s in SPLITS)
+            why = (f"max_docs_per_domain={max_docs} keeps {n_docs} document(s)"
+                   if max_docs is not None else f"the corpus has {n_docs} document(s)")
+            raise ValueError(f"load_corpus: split {split!r} would be empty: {why}, too few for fractions="
+                             f"{tuple(fractions)}; use max_docs_per_domain >= 3 (one document per split and "
+                             "domain at the least) or more documents")
+
+
+def _streamed_corpus(spec: str, p: dict, max_docs, max_chars, holdout, seed, fractions, shard_docs):
+    """The splits of a streamed ``hf:`` sample as a memory-mapped ``DatasetDict``, cached beside the
+    sample (``<sample>-splits-<key>/<split>/shard-*``; see :func:`load_corpus`). The same
+    documents, splits and order as the in-memory path gives for the same (ids, texts)."""
+    sample = _stream_path(spec, p, max_docs, seed)
+    key = config_hash([SPLITS_VERSION, sample.name, max_docs, max_chars, sorted(holdout), seed, list(fractions)])
+
+    def build(path):
+        raw, _ = _load_hf(spec, max_docs, seed, True, shard_docs)
+        plan = _plan_splits(raw, max_docs, holdout, seed, fractions, shard_docs)
+        _check_splits(plan, fractions, max_docs)
+        _build_sharded(path, lambda tmp: _write_splits(tmp, raw, plan, max_chars, shard_docs))
+    return cached(sample.with_name(f"{sample.name}-splits-{key}"), build, _load_splits,
+                  f"splits of the streamed corpus sample hf:{spec}")
+
+
+def _write_splits(path: Path, raw: dict, plan: dict, max_chars, shard_docs: int) -> None:
+    """Write ``plan`` (:func:`_plan_splits`) as ``path/<split>/shard-00000``, ... (``save_to_disk``
+    folders, columns ``text``, ``domain``, ``id``), ``shard_docs`` documents at a time: only
+    those texts are read from ``raw`` (memory-mapped) and held in RAM. An empty split is one
+    empty shard."""
+    import datasets
+
+    feats = datasets.Features({k: datasets.Value("string") for k in ("text", "domain", "id")})
+    for split, rows in plan.items():
+        for n, a in enumerate(range(0, max(len(rows), 1), shard_docs)):
+            chunk, texts = rows[a:a + shard_docs], {}
+            for dom in dict.fromkeys(d for d, _ in chunk):
+                idx = [i for d, i in chunk if d == dom]
+                src = raw[dom][1]
+                got = [src[i] for i in idx] if isinstance(src, list) else _arrow_texts(src, idx)
+                texts.update(((dom, i), t[:max_chars]) for i, t in zip(idx, got))
+            cols = {"text": [texts[r] for r in chunk], "domain": [d for d, _ in chunk],
+                    "id": [raw[d][0][i] for d, i in chunk]}
+            with _datasets_bars():
+                datasets.Dataset.from_dict(cols, features=feats).save_to_disk(str(path / split / f"shard-{n:05d}"))
+            del cols, texts
+
+
+def _load_splits(path: Path):
+    """A ``DatasetDict`` of the split folders :func:`_write_splits` wrote, memory-mapped."""
+    import datasets
+
+    names = [s for s in (*SPLITS, "heldout") if (path / s).is_dir()]
+    return datasets.DatasetDict({s: _load_shards(path / s) for s in names})
+
+
+def iter_column(ds, name: str, batch: int = 10_000):
+    """The values of a column of a ``datasets.Dataset``, read ``batch`` rows at a time (through
+    Arrow; respects select/shuffle): a memory-mapped dataset is never read into RAM whole."""
+    ds = ds.select_columns([name]).with_format("arrow")
+    for a in range(0, len(ds), batch):
+        yield from ds[a:a + batch][name].to_pylist()
+
+
 def corpus_hash(dsd) -> str:
-    """Content hash of a DatasetDict of texts (split names, domains and texts)."""
+    """Content hash of a DatasetDict of texts (split names, domains and texts); reads the
+    texts in batches (:func:`iter_column`), so a memory-mapped corpus stays on disk."""
     h = hashlib.sha256()
     for s in sorted(dsd):
         h.update(f"\x00{s}\x00".encode())
         for col in ("domain", "text"):
-            for x in column(dsd[s], col):
+            for x in iter_column(dsd[s], col):
                 h.update(x.encode("utf-8", "surrogatepass") + b"\x1e")
     return h.hexdigest()[:16]
 
 
-def corpus_stats(dsd, tokenizer=None):
+def corpus_stats(dsd, tokenizer=None, batch: int = 10_000):
     """A DataFrame with one row per (domain, split): documents, characters, and
-    tokens (column present only when a tokenizer is given)."""
+    tokens (column present only when a tokenizer is given). Reads ``batch`` documents at
+    a time, so a memory-mapped corpus is not read into RAM whole."""
     import pandas as pd
 
     rows = []
     for split, ds in dsd.items():
-        texts, doms = column(ds, "text"), column(ds, "domain")
-        ntok = ([len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-                if tokenizer is not None and texts else [0] * len(texts))
-        for dom in dict.fromkeys(doms):
-            idx = [i for i, d in enumerate(doms) if d == dom]
-            row = {"domain": dom, "split": split, "documents": len(idx), "characters": sum(len(texts[i]) for i in idx)}
+        ds = ds.select_columns(["text", "domain"]).with_format("arrow")
+        per: dict[str, list[int]] = {}           # domain -> [documents, characters, tokens], first-seen order
+        for a in range(0, len(ds), batch):
+            b = ds[a:a + batch]
+            texts, doms = b["text"].to_pylist(), b["domain"].to_pylist()
+            ntok = ([len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+                    if tokenizer is not None and texts else [0] * len(texts))
+            for t, d, n in zip(texts, doms, ntok):
+                c = per.setdefault(d, [0, 0, 0])
+                c[0], c[1], c[2] = c[0] + 1, c[1] + len(t), c[2] + n
+        for dom, (n_docs, n_chars, n_tok) in per.items():
+            row = {"domain": dom, "split": split, "documents": n_docs, "characters": n_chars}
             if tokenizer is not None:
-                row["tokens"] = sum(ntok[i] for i in idx)
+                row["tokens"] = n_tok
             rows.append(row)
     cols = ["domain", "split", "documents", "characters"] + (["tokens"] if tokenizer is not None else [])
     return pd.DataFrame(rows, columns=cols).sort_values(["domain", "split"], ignore_index=True)
@@ -624,6 +807,11 @@ def tokenize(dsd, tokenizer, n_ctx: int, batch_size: int = 1000):
 
 
 def _pack_and_save(path, dsd, tokenizer, n_ctx, batch_size, bos):
+    """Pack ``dsd`` (see :func:`tokenize`) and save it to ``path`` (through ``atomic_path``). A
+    memory-mapped corpus (a streamed sample, :func:`load_corpus`) is packed and shuffled into
+    Arrow files in the entry's private temp folder (``datasets``' ``cache_file_name``), written
+    ``writer_batch_size`` rows at a time, never held in RAM; an in-memory corpus is packed in
+    memory as before (the same rows either way)."""
     import datasets
 
     def pack(batch):
@@ -641,19 +829,33 @@ def _pack_and_save(path, dsd, tokenizer, n_ctx, batch_size, bos):
 
     feats = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"), length=n_ctx),
                                "domain": datasets.Value("string")})
-    with _datasets_bars(enabled=True):
-        out = {s: ds.map(pack, batched=True, batch_size=batch_size, remove_columns=ds.column_names,
-                         features=feats, desc=f"tokenize {s}") for s, ds in dsd.items()}
-    empty = [s for s, ds in out.items() if len(ds) == 0]
-    if empty:   # refuse before writing: an empty split is an entry that does not load back
-        have = {s: sum(len(t) for t in column(dsd[s], "text")) for s in empty}
-        raise ValueError(f"tokenize: split(s) {empty} give no row of n_ctx={n_ctx} tokens (characters: {have}); "
-                         "use more documents (data.max_docs_per_domain, max_chars_per_doc) or a smaller n_ctx")
-    with _datasets_bars():
-        out = datasets.DatasetDict({s: ds.shuffle(seed=0).flatten_indices() for s, ds in out.items()})
-    with atomic_path(path) as tmp, _datasets_bars():
-        out.save_to_disk(str(tmp))
-        del out
+    with atomic_path(path) as tmp:
+        work = tmp.parent / "work"       # in the entry's temp folder: removed with it, even on error
+
+        def on_disk(ds, name):           # map/flatten_indices kwargs: write to work/ if ds is memory-mapped
+            if not ds.cache_files:
+                return {}
+            work.mkdir(exist_ok=True)
+            return {"cache_file_name": str(work / f"{name}.arrow")}
+
+        with _datasets_bars(enabled=True):
+            out = {s: ds.map(pack, batched=True, batch_size=batch_size, remove_columns=ds.column_names,
+                             features=feats, desc=f"tokenize {s}", **on_disk(ds, f"packed-{s}"))
+                   for s, ds in dsd.items()}
+        empty = [s for s, ds in out.items() if len(ds) == 0]
+        if empty:   # refuse before writing: an empty split is an entry that does not load back
+            have = {s: sum(len(t) for t in iter_column(dsd[s], "text")) for s in empty}
+            raise ValueError(f"tokenize: split(s) {empty} give no row of n_ctx={n_ctx} tokens (characters: {have}); "
+                             "use more documents (data.max_docs_per_domain, max_chars_per_doc) or a smaller n_ctx")
+        with _datasets_bars():
+            for s in list(out):
+                out[s] = (x := out[s].shuffle(seed=0)).flatten_indices(**on_disk(x, f"shuffled-{s}"))
+                if (work / f"packed-{s}.arrow").exists():   # unshuffled rows no longer needed: free the disk
+                    del x
+                    (work / f"packed-{s}.arrow").unlink()
+            out = datasets.DatasetDict(out)
+            out.save_to_disk(str(tmp))
+            del out
 
 
 def token_array(ds) -> np.ndarray:
@@ -663,9 +865,12 @@ def token_array(ds) -> np.ndarray:
     return col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, n_ctx)
 
 
-def token_hash(ds) -> str:
-    """Content hash of a tokenized split (ids and domains)."""
-    h = hashlib.sha256(token_array(ds).tobytes())
+def token_hash(ds, batch: int = 4096) -> str:
+    """Content hash of a tokenized split (ids as int64 bytes, row after row, and domains);
+    reads ``batch`` rows at a time, so a memory-mapped split is not copied into RAM whole."""
+    h = hashlib.sha256()
+    for a in range(0, len(ds), batch):
+        h.update(token_array(ds.select(range(a, min(a + batch, len(ds))))).tobytes())
     if "domain" in ds.column_names:
-        h.update("\x1e".join(column(ds, "domain")).encode())
+        h.update("\x1e".join(iter_column(ds, "domain")).encode())
     return h.hexdigest()[:16]
