@@ -858,8 +858,13 @@ def _pack_and_save(path, dsd, tokenizer, n_ctx, batch_size, bos):
             del out
 
 
-def token_array(ds) -> np.ndarray:
-    """The ``input_ids`` of a tokenized split as an int64 array [n_rows, n_ctx]."""
+def token_array(ds, n: int | None = None) -> np.ndarray:
+    """The ``input_ids`` of a tokenized split as an int64 array [n_rows, n_ctx]; ``n``: only
+    the first ``n`` rows (read alone: a memory-mapped split is not copied whole). Raises
+    ValueError for ``n`` not a positive int."""
+    if n is not None:
+        check_positive_int("n", n)
+        ds = ds.select(range(min(n, len(ds))))
     col = ds.with_format("arrow")["input_ids"].combine_chunks()
     n_ctx = col.type.list_size
     return col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, n_ctx)

@@ -65,13 +65,13 @@ def evaluate(model, tokenized_split, batch_size: int = 16, max_batches: int | No
     check_positive_int("batch_size", batch_size)
     dev = next(model.parameters()).device
     was_training, _ = model.training, model.eval()
-    ids = torch.from_numpy(data.token_array(tokenized_split))
-    doms = np.asarray(data.column(tokenized_split, "domain")) if len(ids) else np.array([])
+    doms = np.asarray(data.column(tokenized_split, "domain")) if len(tokenized_split) else np.array([])
     rows, tot, ntot = [], 0.0, 0
     for dom in dict.fromkeys(doms.tolist()):
-        sel = ids[torch.from_numpy(np.flatnonzero(doms == dom))]
+        idx = np.flatnonzero(doms == dom)
         if max_batches is not None:
-            sel = sel[: max_batches * batch_size]
+            idx = idx[: max_batches * batch_size]
+        sel = torch.from_numpy(data.token_array(tokenized_split.select(idx)))   # only the rows evaluated
         loss_sum, n = 0.0, 0
         for i in range(0, len(sel), batch_size):
             x = sel[i:i + batch_size].to(dev)

@@ -158,3 +158,15 @@ def test_hf_corpus_through_load_dataset(tmp_cache, monkeypatch):
     assert all(t.startswith("document number") for t in texts) and len(texts) == 20
     again = data.load_corpus("hf:org/tiny:v1", max_docs_per_domain=20, seed=0, streaming=False)
     assert data.corpus_hash(again) == data.corpus_hash(dsd)
+
+
+def test_token_array_prefix_reads_only_the_first_rows():
+    import datasets
+
+    from saelib import data as D
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[i, i + 1, i + 2] for i in range(10)]})
+    assert (D.token_array(ds, n=4) == D.token_array(ds)[:4]).all()
+    assert D.token_array(ds, n=99).shape == (10, 3)
+    with pytest.raises(ValueError, match="n must be a positive"):
+        D.token_array(ds, n=0)
