@@ -165,7 +165,8 @@ def test_token_array_prefix_reads_only_the_first_rows():
 
     from saelib import data as D
 
-    ds = datasets.Dataset.from_dict({"input_ids": [[i, i + 1, i + 2] for i in range(10)]})
+    feats = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=3)})   # as tokenize packs
+    ds = datasets.Dataset.from_dict({"input_ids": [[i, i + 1, i + 2] for i in range(10)]}, features=feats)
     assert (D.token_array(ds, n=4) == D.token_array(ds)[:4]).all()
     assert D.token_array(ds, n=99).shape == (10, 3)
     with pytest.raises(ValueError, match="n must be a positive"):
