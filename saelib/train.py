@@ -333,7 +333,9 @@ def fit(sae, data, steps: int = 2000, batch_size: int = 1024, lr: float | None =
     steps and at the end; calling ``fit`` again with the same arguments resumes from it
     and gives the same numbers as an uninterrupted run (same seed, same thread count);
     a finished checkpoint just returns its history. A NaN/inf loss or gradient raises
-    FloatingPointError naming the step. Deterministic for a given ``seed``.
+    FloatingPointError naming the first bad step, at the next history row or checkpoint
+    (the step reads nothing back to the host, so the check waits for a row; no checkpoint
+    is written after a bad step). Deterministic for a given ``seed``.
 
     Every call without a checkpoint to resume starts a run: ``b_pre``/``b_router`` are
     set to the geometric median of ``sample_size`` rows (other weights are kept, so a
