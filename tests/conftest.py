@@ -41,3 +41,29 @@ def interrupt_training_at(monkeypatch):
         monkeypatch.setattr(train, "_train_step", interrupted)
         return real_step
     return arm
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """``tiny_gpt2(n_layer, d, n_ctx, vocab, bos)``: a randomly initialised GPT-2 (seed 0, no
+    dropout, large weights so that ablations visibly change the loss), and
+    ``tiny_gpt2.tokens(n, n_ctx, vocab, bos)``: ``n`` random rows starting with ``bos``, with
+    a document separator mid-row in row 3 (seed 0)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def build(n_layer, d, n_ctx, vocab, bos):
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=vocab, n_positions=n_ctx, n_embd=d, n_layer=n_layer, n_head=2,
+                         bos_token_id=bos, eos_token_id=bos, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                         initializer_range=0.5)
+        return GPT2LMHeadModel(cfg).eval()
+
+    def tokens(n, n_ctx, vocab, bos):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(1, vocab, (n, n_ctx), generator=g)
+        x[:, 0] = bos
+        x[3, 5] = bos  # a document separator mid-sequence
+        return x
+
+    build.tokens = tokens
+    return build

@@ -10,23 +10,13 @@ N_LAYER, D, T, V, BOS = 3, 16, 12, 50, 0
 
 
 @pytest.fixture(scope="module")
-def model():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=V, n_positions=T, n_embd=D, n_layer=N_LAYER, n_head=2, bos_token_id=BOS,
-                     eos_token_id=BOS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     initializer_range=0.5)  # large weights: ablations visibly change the loss
-    return GPT2LMHeadModel(cfg).eval()
+def model(tiny_gpt2):
+    return tiny_gpt2(N_LAYER, D, T, V, BOS)
 
 
 @pytest.fixture(scope="module")
-def tokens():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(1, V, (20, T), generator=g)
-    x[:, 0] = BOS
-    x[3, 5] = BOS  # a document separator mid-sequence
-    return x
+def tokens(tiny_gpt2):
+    return tiny_gpt2.tokens(20, T, V, BOS)
 
 
 def grab(model, site, x):
